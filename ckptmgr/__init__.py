@@ -1,0 +1,60 @@
+"""ckptmgr: crash-proof, exact-resume checkpoint management for ML training.
+
+>>> import ckptmgr, tempfile
+>>> with ckptmgr.CheckpointManager(tempfile.mkdtemp(), keep=ckptmgr.KeepLast(2)) as mgr:
+...     for step in (1, 2, 3):
+...         _ = mgr.save(step, {"step": step})
+...     [c.step for c in mgr.checkpoints], mgr.restore()["step"]
+([2, 3], 3)
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CheckpointError,
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    DirectoryLockedError,
+)
+from .info import CheckpointInfo
+from .manager import CheckpointManager
+from .metrics import MetricTracker
+from .policies import (
+    EverySeconds,
+    EverySteps,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    OnImprovement,
+    RetentionContext,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointIOError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointWarning",
+    "CorruptCheckpointError",
+    "DirectoryLockedError",
+    "EverySeconds",
+    "EverySteps",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "MetricTracker",
+    "OnImprovement",
+    "RetentionContext",
+    "RetentionPolicy",
+    "SaveContext",
+    "SavePolicy",
+    "__version__",
+]

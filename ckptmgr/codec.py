@@ -1,0 +1,556 @@
+"""State trees to and from HDF5 files — the only module that knows HDF5.
+
+On-disk layout of one checkpoint file (readable with plain h5py)::
+
+    /                         attrs: ckptmgr_format = 1, ckptmgr_manifest_crc32 = <int>
+    /ckptmgr_manifest         uint8 dataset: UTF-8 JSON manifest (see below)
+    /state                    the tree: a group per dict/list/tuple, a dataset per leaf
+    /state/params/w           e.g. state["params"]["w"]
+    /state/opt/0              list and tuple items are named by index
+    /state/~3                 a dict key that is not a plain name (has "/", starts with
+                              ".", ...) is stored under "~<position>"; its real key is
+                              in the manifest
+
+The manifest holds the checkpoint's own metadata (``step``, ``time``, ``metrics``,
+``tracker``, ``nbytes``, ``checksum``) and ``tree``, the authoritative description of
+the state: container types, dict keys in order, and for each leaf its kind, dtype,
+shape and checksum. Leaves are stored as:
+
+==========  ====================================================================
+kind        dataset
+==========  ====================================================================
+ndarray     the array itself (any int/uint/float/complex width, bool); dtypes
+            HDF5 cannot describe (bfloat16 and other ml_dtypes) are stored as raw
+            bytes, ``uint8`` with a trailing axis of the item size
+npscalar    a 0-d dataset of the scalar's dtype
+bool        0-d bool; ``int`` 0-d int64; ``float`` 0-d float64; ``complex``
+            0-d complex128
+bigint      a Python int outside int64: uint8 two's-complement, little-endian
+str         uint8, UTF-8 bytes; ``bytes``: uint8
+none        no dataset
+==========  ====================================================================
+
+Reading never unpickles, follows no soft or external link, refuses virtual and
+externally stored datasets, object and variable-length dtypes, and only allocates
+what the file actually stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import CorruptCheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST = "ckptmgr_manifest"
+STATE = "state"
+MAX_DEPTH = 200
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_NDIM = 32
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")
+_NATIVE_KINDS = frozenset("biufc")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_LEAF_KINDS = frozenset(
+    {"ndarray", "npscalar", "bool", "int", "bigint", "float", "complex", "str", "bytes", "none"}
+)
+_CONTAINERS = {"dict": dict, "list": list, "tuple": tuple}
+
+Tree = Any
+
+
+def checksum(buffer: Any, value: int = 0) -> int:
+    """CRC-32 of a buffer (continuing from ``value``)."""
+    return zlib.crc32(buffer, value)
+
+
+CHECKSUM_NAME = "crc32"
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def _ml_dtypes() -> Any:
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes
+
+
+def _dtype_to_str(dtype: np.dtype[Any]) -> str | None:
+    """The manifest name of a supported dtype, or None if the dtype is not supported."""
+    if dtype.kind in _NATIVE_KINDS and dtype.fields is None and dtype.shape == ():
+        return dtype.str
+    mld = _ml_dtypes()
+    if mld is not None and dtype.kind == "V" and dtype.fields is None:
+        name = dtype.name
+        if isinstance(getattr(mld, name, None), type) and np.dtype(getattr(mld, name)) == dtype:
+            return name
+    return None
+
+
+def _dtype_from_str(text: object, where: str) -> np.dtype[Any]:
+    if not isinstance(text, str) or len(text) > 32:
+        raise CorruptCheckpointError(f"{where}: invalid dtype {text!r}")
+    if text[:1] in "<>|=":
+        try:
+            dtype = np.dtype(text)
+        except TypeError as exc:
+            raise CorruptCheckpointError(f"{where}: invalid dtype {text!r}") from exc
+        if dtype.str != text or _dtype_to_str(dtype) != text:
+            raise CorruptCheckpointError(f"{where}: unsupported dtype {text!r}")
+        return dtype
+    mld = _ml_dtypes()
+    if mld is None:
+        raise CorruptCheckpointError(
+            f"{where}: dtype {text!r} needs the ml_dtypes package (pip install ml_dtypes)"
+        )
+    candidate = getattr(mld, text, None) if re.fullmatch(r"[a-z0-9_]+", text) else None
+    if not isinstance(candidate, type):
+        raise CorruptCheckpointError(f"{where}: unsupported dtype {text!r}")
+    dtype = np.dtype(candidate)
+    if _dtype_to_str(dtype) != text:
+        raise CorruptCheckpointError(f"{where}: unsupported dtype {text!r}")
+    return dtype
+
+
+def _is_raw(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind not in _NATIVE_KINDS
+
+
+# ------------------------------------------------------------------------ encoding
+
+
+def _keystr(path: tuple[str | int, ...]) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+@dataclass
+class _Leaf:
+    node: dict[str, Any]
+    array: np.ndarray[Any, Any]
+
+
+def _child_name(key: str, position: int) -> str:
+    return key if _SAFE_NAME.fullmatch(key) else f"~{position}"
+
+
+def _encode_leaf(value: Any, where: tuple[str | int, ...]) -> tuple[str, np.ndarray[Any, Any] | None]:
+    # bool before int: bool is a subclass of int.
+    if value is None:
+        return "none", None
+    vtype = type(value)
+    if vtype is bool:
+        return "bool", np.array(value, dtype=np.bool_)
+    if vtype is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return "int", np.array(value, dtype=np.int64)
+        nbytes = (value.bit_length() + 8) // 8
+        return "bigint", np.frombuffer(value.to_bytes(nbytes, "little", signed=True), np.uint8)
+    if vtype is float:
+        return "float", np.array(value, dtype=np.float64)
+    if vtype is complex:
+        return "complex", np.array(value, dtype=np.complex128)
+    if vtype is str:
+        return "str", np.frombuffer(value.encode("utf-8", "surrogatepass"), np.uint8)
+    if vtype is bytes:
+        return "bytes", np.frombuffer(value, np.uint8)
+    if vtype is np.ndarray or isinstance(value, np.generic):
+        kind = "ndarray" if vtype is np.ndarray else "npscalar"
+        array = np.asarray(value)
+        if _dtype_to_str(array.dtype) is None:
+            raise TypeError(
+                f"Expected a numeric, bool or ml_dtypes array at {_keystr(where)}. "
+                f"Received: dtype={array.dtype}"
+            )
+        if array.ndim > MAX_NDIM:
+            raise ValueError(
+                f"Expected at most {MAX_NDIM} dimensions at {_keystr(where)}. "
+                f"Received: shape={array.shape}"
+            )
+        return kind, array
+    raise TypeError(
+        f"Expected a state tree of dict (str keys), list, tuple, NumPy array or scalar, "
+        f"int, float, complex, bool, str, bytes or None at {_keystr(where)}. "
+        f"Received: {vtype.__module__}.{vtype.__qualname__}"
+    )
+
+
+def encode_tree(tree: Tree) -> tuple[dict[str, Any], list[_Leaf]]:
+    """Describe ``tree`` as a JSON-able spec plus the arrays to store, validating it.
+
+    Raises:
+        TypeError: a leaf or key of an unsupported type (the message names its path).
+        ValueError: the tree is nested deeper than ``MAX_DEPTH`` (or is cyclic).
+    """
+    leaves: list[_Leaf] = []
+
+    def walk(value: Any, where: tuple[str | int, ...], h5path: str) -> dict[str, Any]:
+        if len(where) > MAX_DEPTH:
+            raise ValueError(
+                f"Expected a state tree at most {MAX_DEPTH} levels deep (or a cycle). "
+                f"Received: a tree nested deeper at {_keystr(where[:5])}..."
+            )
+        vtype = type(value)
+        if vtype is dict:
+            items = []
+            for position, (key, child) in enumerate(value.items()):
+                if type(key) is not str:
+                    raise TypeError(
+                        f"Expected str dict keys at {_keystr(where)}. Received: key={key!r}"
+                    )
+                name = _child_name(key, position)
+                items.append([key, walk(child, (*where, key), f"{h5path}/{name}")])
+            return {"t": "dict", "items": items}
+        if vtype is list or vtype is tuple:
+            return {
+                "t": "list" if vtype is list else "tuple",
+                "items": [
+                    walk(child, (*where, i), f"{h5path}/{i}") for i, child in enumerate(value)
+                ],
+            }
+        if isinstance(value, (dict, list, tuple)):
+            raise TypeError(
+                f"Expected plain dict, list or tuple containers at {_keystr(where)}. "
+                f"Received: {vtype.__module__}.{vtype.__qualname__} "
+                "(convert it, e.g. dict(x) or tuple(x), so that restore can return it)"
+            )
+        kind, array = _encode_leaf(value, where)
+        node: dict[str, Any] = {"t": kind}
+        if array is not None:
+            dtype_name = _dtype_to_str(array.dtype)
+            node.update(dtype=dtype_name, shape=list(array.shape))
+            leaves.append(_Leaf(node, array))
+            node["_h5path"] = h5path
+        return node
+
+    try:
+        spec = walk(tree, (), "/" + STATE)
+    except RecursionError as exc:
+        raise ValueError(
+            "Expected a state tree without cycles. Received: a tree too deep to walk"
+        ) from exc
+    return spec, leaves
+
+
+def _contiguous_bytes(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The bytes the checksum covers: C order, bools normalised to 0/1."""
+    if array.dtype.kind == "b":
+        array = np.not_equal(array.view(np.uint8), 0)
+    return _c_order(array).reshape(-1).view(np.uint8)
+
+
+def _c_order(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]) -> int:
+    """Write ``tree`` and ``meta`` to a new HDF5 file at ``path``; return the state's bytes.
+
+    The file is not fsynced here; the storage layer does that. ``meta`` must be
+    JSON-serialisable; it is stored in the manifest next to the tree description.
+    """
+    spec, leaves = encode_tree(tree)
+    total = 0
+    with h5py.File(path, "w", locking=False) as f:
+        for leaf in leaves:
+            node = leaf.node
+            h5path = node.pop("_h5path")
+            data = _c_order(leaf.array)
+            node["crc"] = checksum(_contiguous_bytes(data))
+            if _is_raw(data.dtype):
+                data = data.reshape(-1).view(np.uint8).reshape((*data.shape, data.dtype.itemsize))
+            f.create_dataset(h5path, data=data)
+            total += data.nbytes
+        _create_empty_groups(f, spec, "/" + STATE)
+        manifest = dict(meta)
+        manifest.update(format=FORMAT_VERSION, checksum=CHECKSUM_NAME, nbytes=total, tree=spec)
+        blob = json.dumps(manifest, separators=(",", ":"), allow_nan=True).encode("utf-8")
+        f.create_dataset(MANIFEST, data=np.frombuffer(blob, np.uint8))
+        f.attrs["ckptmgr_format"] = FORMAT_VERSION
+        f.attrs["ckptmgr_manifest_crc32"] = np.uint32(checksum(blob))
+    return total
+
+
+def _create_empty_groups(f: h5py.File, spec: dict[str, Any], h5path: str) -> None:
+    """Containers with no stored leaf still appear as groups, for plain-h5py readers."""
+    kind = spec["t"]
+    if kind not in _CONTAINERS:
+        return
+    f.require_group(h5path)
+    for position, item in enumerate(spec["items"]):
+        if kind == "dict":
+            key, child = item
+            _create_empty_groups(f, child, f"{h5path}/{_child_name(key, position)}")
+        else:
+            _create_empty_groups(f, item, f"{h5path}/{position}")
+
+
+# ------------------------------------------------------------------------ decoding
+
+
+def _open(path: str | os.PathLike[str]) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not os.path.exists(path):
+            raise FileNotFoundError(str(path)) from exc
+        if isinstance(exc, PermissionError) or (exc.errno is not None and exc.errno != 0):
+            raise
+        raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable HDF5 file ({exc})") from exc
+
+
+def _hard_child(group: h5py.Group, name: str, where: str) -> Any:
+    link = group.get(name, getlink=True)
+    if link is None:
+        raise CorruptCheckpointError(f"{where}: missing {name!r}")
+    if not isinstance(link, h5py.HardLink):
+        raise CorruptCheckpointError(f"{where}: {name!r} is a {type(link).__name__}, refused")
+    return group[name]
+
+
+def _read_manifest(f: h5py.File, where: str) -> dict[str, Any]:
+    if f.attrs.get("ckptmgr_format") is None:
+        raise CorruptCheckpointError(f"{where}: not a ckptmgr checkpoint (no ckptmgr_format)")
+    fmt = f.attrs["ckptmgr_format"]
+    if not isinstance(fmt, (int, np.integer)) or int(fmt) != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"{where}: unsupported format version {fmt!r}")
+    ds = _hard_child(f, MANIFEST, where)
+    if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
+        raise CorruptCheckpointError(f"{where}: malformed manifest")
+    _check_dataset_storage(ds, ds.shape[0], where)
+    if ds.shape[0] > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{where}: manifest too large ({ds.shape[0]} bytes)")
+    blob = ds[()].tobytes()
+    expected = f.attrs.get("ckptmgr_manifest_crc32")
+    if expected is None or checksum(blob) != int(expected):
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch")
+    try:
+        manifest = json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("checksum") != CHECKSUM_NAME:
+        raise CorruptCheckpointError(f"{where}: malformed manifest")
+    return manifest
+
+
+def _check_dataset_storage(ds: h5py.Dataset, nbytes: int, where: str) -> None:
+    if ds.is_virtual or ds.external:
+        raise CorruptCheckpointError(f"{where}: {ds.name} uses external or virtual storage, refused")
+    if ds.chunks is not None or ds.compression is not None:
+        raise CorruptCheckpointError(f"{where}: {ds.name} has an unexpected layout")
+    if nbytes and ds.id.get_storage_size() != nbytes:
+        raise CorruptCheckpointError(
+            f"{where}: {ds.name} stores {ds.id.get_storage_size()} bytes, expected {nbytes}"
+        )
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a checkpoint file, checksum-verified, without reading arrays.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: not a ckptmgr file, or its manifest is damaged.
+        OSError: the file could not be read.
+    """
+    where = os.fspath(path)
+    with _open(path) as f:
+        return _read_manifest(f, where)
+
+
+def _validate_shape(node: dict[str, Any], where: str) -> tuple[int, ...]:
+    shape = node.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(n) is int and 0 <= n < 2**62 for n in shape)
+    ):
+        raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
+    return tuple(shape)
+
+
+def _read_leaf(
+    f: h5py.File, node: dict[str, Any], h5path: str, where: str, verify: bool
+) -> np.ndarray[Any, Any]:
+    dtype = _dtype_from_str(node.get("dtype"), where)
+    shape = _validate_shape(node, where)
+    nbytes = math.prod(shape) * dtype.itemsize
+    group: Any = f
+    parts = h5path.strip("/").split("/")
+    for part in parts:
+        if not isinstance(group, h5py.Group):
+            raise CorruptCheckpointError(f"{where}: {h5path} is not where the tree says")
+        group = _hard_child(group, part, where)
+    ds = group
+    if not isinstance(ds, h5py.Dataset):
+        raise CorruptCheckpointError(f"{where}: {h5path} is not a dataset")
+    raw = _is_raw(dtype)
+    stored_shape = (*shape, dtype.itemsize) if raw else shape
+    stored_dtype = np.dtype(np.uint8) if raw else dtype
+    if ds.shape != stored_shape or ds.dtype != stored_dtype:
+        raise CorruptCheckpointError(
+            f"{where}: {h5path} is {ds.dtype}{list(ds.shape)}, "
+            f"the manifest says {stored_dtype}{list(stored_shape)}"
+        )
+    _check_dataset_storage(ds, nbytes, where)
+    out = np.empty(shape, dtype)
+    if nbytes:
+        target = out.reshape(-1).view(np.uint8).reshape(stored_shape) if raw else out
+        ds.read_direct(target)
+    if verify:
+        crc = node.get("crc")
+        if checksum(_contiguous_bytes(out)) != crc:
+            raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
+    return out
+
+
+def _decode_scalar(kind: str, array: np.ndarray[Any, Any], where: str) -> Any:
+    expected = {
+        "bool": "|b1",
+        "int": "<i8",
+        "float": "<f8",
+        "complex": "<c16",
+        "bigint": "|u1",
+        "str": "|u1",
+        "bytes": "|u1",
+    }
+    if array.dtype.str != expected.get(kind, array.dtype.str):
+        raise CorruptCheckpointError(f"{where}: {kind} leaf stored as {array.dtype}")
+    if kind in ("bool", "int", "float", "complex"):
+        if array.shape != ():
+            raise CorruptCheckpointError(f"{where}: {kind} leaf has shape {array.shape}")
+        return {"bool": bool, "int": int, "float": float, "complex": complex}[kind](array[()])
+    if array.ndim != 1:
+        raise CorruptCheckpointError(f"{where}: {kind} leaf has shape {array.shape}")
+    data = array.tobytes()
+    if kind == "bigint":
+        return int.from_bytes(data, "little", signed=True)
+    if kind == "str":
+        try:
+            return data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as exc:
+            raise CorruptCheckpointError(f"{where}: str leaf is not UTF-8") from exc
+    return data
+
+
+def iter_leaves(spec: Any, where: str = "") -> Iterator[tuple[tuple[str | int, ...], str, dict[str, Any]]]:
+    """Yield ``(key path, HDF5 path, node)`` for every stored leaf of a manifest tree.
+
+    Raises:
+        CorruptCheckpointError: the tree description is malformed.
+    """
+    stack: list[tuple[Any, tuple[str | int, ...], str]] = [(spec, (), "/" + STATE)]
+    while stack:
+        node, keys, h5path = stack.pop()
+        if len(keys) > MAX_DEPTH or not isinstance(node, dict):
+            raise CorruptCheckpointError(f"{where}: malformed tree at {_keystr(keys)}")
+        kind = node.get("t")
+        if kind in _CONTAINERS:
+            items = node.get("items")
+            if not isinstance(items, list):
+                raise CorruptCheckpointError(f"{where}: malformed tree at {_keystr(keys)}")
+            children = []
+            for position, item in enumerate(items):
+                if kind == "dict":
+                    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                        raise CorruptCheckpointError(f"{where}: malformed dict at {_keystr(keys)}")
+                    children.append((item[1], (*keys, item[0]), f"{h5path}/{_child_name(item[0], position)}"))
+                else:
+                    children.append((item, (*keys, position), f"{h5path}/{position}"))
+            stack.extend(reversed(children))
+        elif kind == "none":
+            continue
+        elif kind in _LEAF_KINDS:
+            yield keys, h5path, node
+        else:
+            raise CorruptCheckpointError(f"{where}: unknown node kind {kind!r} at {_keystr(keys)}")
+
+
+def _build(spec: Any, leaf_value: Callable[[dict[str, Any], str], Any], where: str) -> Any:
+    """Rebuild the tree of ``spec``; ``leaf_value(node, h5path)`` supplies each leaf."""
+
+    def build(node: Any, h5path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH or not isinstance(node, dict):
+            raise CorruptCheckpointError(f"{where}: malformed tree")
+        kind = node.get("t")
+        if kind == "dict":
+            out: dict[str, Any] = {}
+            for position, (key, child) in enumerate(node["items"]):
+                out[key] = build(child, f"{h5path}/{_child_name(key, position)}", depth + 1)
+            if len(out) != len(node["items"]):
+                raise CorruptCheckpointError(f"{where}: duplicate dict keys")
+            return out
+        if kind in ("list", "tuple"):
+            items = [build(child, f"{h5path}/{i}", depth + 1) for i, child in enumerate(node["items"])]
+            return items if kind == "list" else tuple(items)
+        if kind == "none":
+            return None
+        return leaf_value(node, h5path)
+
+    return build(spec, "/" + STATE, 0)
+
+
+def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tree, dict[str, Any]]:
+    """Read a checkpoint file; return ``(tree, manifest)``.
+
+    With ``verify`` every array's checksum is checked against the manifest.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: the file is damaged, tampered with or hostile.
+        OSError: the file could not be read.
+    """
+    where = os.fspath(path)
+    with _open(path) as f:
+        manifest = _read_manifest(f, where)
+        spec = manifest.get("tree")
+        # Validate the whole description before allocating anything.
+        for _ in iter_leaves(spec, where):
+            pass
+
+        def leaf_value(node: dict[str, Any], h5path: str) -> Any:
+            array = _read_leaf(f, node, h5path, where, verify)
+            kind = node["t"]
+            if kind == "ndarray":
+                return array
+            if kind == "npscalar":
+                if array.shape != ():
+                    raise CorruptCheckpointError(f"{where}: scalar {h5path} has a shape")
+                return array[()]
+            return _decode_scalar(kind, array, where)
+
+        try:
+            tree = _build(spec, leaf_value, where)
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, CorruptCheckpointError):
+                raise
+            raise CorruptCheckpointError(f"{where}: malformed tree ({exc})") from exc
+    return tree, manifest
+
+
+def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every checksum of a checkpoint file without keeping the arrays; return its manifest.
+
+    Raises:
+        FileNotFoundError, CorruptCheckpointError, OSError: as :func:`read_file`.
+    """
+    where = os.fspath(path)
+    with _open(path) as f:
+        manifest = _read_manifest(f, where)
+        for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
+            _read_leaf(f, node, h5path, where, verify=True)
+    return manifest

@@ -1,0 +1,68 @@
+"""Exceptions and warnings raised by ckptmgr.
+
+Every exception derives from :class:`CheckpointError`; the leaves also derive from
+the builtin that describes them best, so callers can catch either::
+
+    Exception
+     └── CheckpointError
+          ├── CheckpointNotFoundError (also FileNotFoundError)
+          ├── CorruptCheckpointError  (also ValueError)
+          ├── DirectoryLockedError    (also BlockingIOError)
+          └── CheckpointIOError       (also OSError)
+
+    UserWarning
+     └── CheckpointWarning
+
+Errors that come from the operating system (disk full, permission denied, read-only
+file system, I/O error) are raised as :class:`CheckpointIOError`, whose message names
+the path and the cause and whose ``__cause__`` is the original :class:`OSError`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class CheckpointError(Exception):
+    """Root of every exception raised by ckptmgr."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The requested checkpoint (or any checkpoint at all) does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint exists but fails verification (checksum, structure or metadata)."""
+
+
+class DirectoryLockedError(CheckpointError, BlockingIOError):
+    """Another live process holds the writer lock of a checkpoint directory."""
+
+
+class CheckpointIOError(CheckpointError, OSError):
+    """An operating-system error while reading or writing a checkpoint.
+
+    ``path`` is the file or directory involved; ``errno`` and ``strerror`` are those of
+    the underlying :class:`OSError` (also available as ``__cause__``).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str], cause: OSError) -> None:
+        super().__init__(cause.errno or _errno.EIO, message)
+        self.filename = os.fspath(path)
+        self.path = self.filename
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CheckpointWarning(UserWarning):
+    """Something was wrong but ckptmgr recovered (a corrupt checkpoint was skipped,
+    a metric was missing or not finite, a leftover could not be removed, ...)."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short cause for an OSError, e.g. ``"No space left on device (ENOSPC)"``."""
+    name = _errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text} ({name})" if name else text

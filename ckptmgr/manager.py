@@ -1,0 +1,791 @@
+"""CheckpointManager: decide -> snapshot -> write -> commit -> retain."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from . import codec, storage
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+)
+from .info import CheckpointInfo
+from .metrics import MetricTracker, Mode, is_finite_number, resolve_mode
+from .policies import (
+    AllOf,
+    AnyOf,
+    AnyRetention,
+    KeepBest,
+    OnImprovement,
+    RetentionContext,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+    best_order,
+)
+
+T = TypeVar("T")
+Which = int | Literal["latest", "best"]
+
+# How often a reader re-lists the directory when the checkpoint it chose was deleted
+# under it by the writer's retention (each retry sees a newer latest).
+_READ_RETRIES = 20
+
+
+def _policy_leaves(policy: object) -> Iterator[object]:
+    if isinstance(policy, (AnyOf, AllOf, AnyRetention)):
+        for p in policy.policies:
+            yield from _policy_leaves(p)
+    else:
+        yield policy
+
+
+def _meta_subset(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint's manifest the manager keeps in memory and in the index."""
+    return {k: manifest.get(k) for k in ("step", "time", "metrics", "nbytes", "tracker")}
+
+
+class CheckpointManager:
+    """Saves, keeps and restores the checkpoints of one training run in one directory.
+
+    Each checkpoint is one HDF5 file holding a *state tree* (dicts with str keys, lists,
+    tuples, NumPy arrays and scalars, Python scalars, str, bytes, None) and its own
+    metadata. A save is written under a temporary name, fsynced and renamed, so a crash
+    at any instant leaves either the complete checkpoint or none; retention runs only
+    after the new checkpoint is committed and never deletes the latest or the best.
+
+    Example:
+
+    >>> import ckptmgr, numpy as np, tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> with ckptmgr.CheckpointManager(
+    ...     directory,
+    ...     save_every=ckptmgr.EverySteps(100),
+    ...     keep=ckptmgr.KeepLast(2) | ckptmgr.KeepBest(1),
+    ...     monitor="val_loss",
+    ... ) as mgr:
+    ...     state = mgr.restore_or_initialize(lambda: {"w": np.zeros(3), "step": 0})
+    ...     for step in range(state["step"] + 1, 501):
+    ...         state["w"] += 0.1
+    ...         state["step"] = step
+    ...         _ = mgr.save(step, state, metrics={"val_loss": abs(step - 200) / 100})
+    ...     print([(c.step, c.keep_reasons) for c in mgr.checkpoints])
+    [(200, ('best val_loss #1',)), (400, ('last 2',)), (500, ('latest', 'last 2'))]
+    >>> ckptmgr.CheckpointManager(directory, read_only=True).restore("best")["step"]
+    200
+
+    Args:
+        directory: where the checkpoints live; created if missing.
+        save_every: when ``save()`` writes (``EverySteps``, ``EverySeconds``,
+            ``OnImprovement`` and their ``|``/``&`` compositions). None: every call.
+        keep: which checkpoints to keep (``KeepLast``, ``KeepBest``, ``KeepEvery``,
+            composed with ``|``). None: keep all.
+        monitor: the metric that defines "best", e.g. ``"val_loss"``.
+        mode: ``"min"``, ``"max"``, or ``"auto"`` to infer it from ``monitor``'s name
+            (see :func:`ckptmgr.metrics.infer_mode`).
+        min_delta: the smallest change of ``monitor`` that counts as an improvement.
+        baseline: a value of ``monitor`` to beat before anything counts as best.
+        best_only: save only when ``monitor`` improves (sugar for
+            ``save_every & OnImprovement()``).
+        async_save: ``save()`` returns after an in-memory copy of the state; a
+            background thread writes and commits it. The next ``save()`` (and
+            ``wait()``, ``close()``, interpreter exit) waits for the write in flight,
+            and raises its error if it failed.
+        read_only: open for reading without taking the writer lock; ``save`` raises.
+            Without ``monitor``, a reader uses the metric the checkpoints recorded.
+        clock: the time source (POSIX seconds), for tests.
+
+    Raises:
+        ValueError: bad arguments ("Expected ... Received: ...").
+        DirectoryLockedError: another live process writes to ``directory``.
+        CheckpointIOError: the directory cannot be created, listed or locked.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_every: SavePolicy | None = None,
+        keep: RetentionPolicy | None = None,
+        monitor: str | None = None,
+        mode: Mode = "auto",
+        min_delta: float = 0.0,
+        baseline: float | None = None,
+        best_only: bool = False,
+        async_save: bool = False,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise ValueError(f"Expected directory to be a non-empty str or path. Received: directory={directory!r}")
+        if save_every is not None and not isinstance(save_every, SavePolicy):
+            raise ValueError(
+                "Expected save_every to be a save policy such as ckptmgr.EverySteps(1000), or None. "
+                f"Received: save_every={save_every!r}"
+            )
+        if keep is not None and not isinstance(keep, RetentionPolicy):
+            raise ValueError(
+                "Expected keep to be a retention policy such as ckptmgr.KeepLast(3), or None. "
+                f"Received: keep={keep!r}"
+            )
+        for name, flag in (("best_only", best_only), ("async_save", async_save), ("read_only", read_only)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"Expected {name} to be a bool. Received: {name}={flag!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"Expected monitor to be a non-empty str or None. Received: monitor={monitor!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={mode!r}")
+        self._tracker = (
+            MetricTracker(monitor, mode=mode, min_delta=min_delta, baseline=baseline)
+            if monitor is not None else None
+        )
+        if monitor is None:
+            if best_only:
+                raise ValueError("Expected a monitor= metric with best_only=True. Received: monitor=None")
+            needs_monitor = [p for p in (*_policy_leaves(save_every), *_policy_leaves(keep))
+                             if isinstance(p, OnImprovement) or (isinstance(p, KeepBest) and p.monitor is None)]
+            if needs_monitor:
+                raise ValueError(
+                    f"Expected a monitor= metric for {needs_monitor[0]!r}. Received: monitor=None"
+                )
+        if best_only:
+            save_every = OnImprovement() if save_every is None else save_every & OnImprovement()
+        self._save_every = save_every
+        self._keep = keep
+        self._best_only = best_only
+        self._read_only = read_only
+        self._clock = clock
+        self._directory = Path(os.path.abspath(os.fspath(directory)))
+        self._mutex = threading.RLock()
+        self._infos: dict[int, CheckpointInfo] = {}
+        self._trackers: dict[int, Any] = {}
+        self._corrupt: dict[int, str] = {}
+        self._closed = False
+        self._lock: storage.DirectoryLock | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[CheckpointInfo] | None = None
+        self._session_start = clock()
+        self._last_save_time = self._session_start
+
+        if read_only:
+            if not self._directory.is_dir():
+                raise CheckpointNotFoundError(f"No checkpoint directory at {self._directory}")
+        else:
+            storage.ensure_directory(self._directory)
+            self._lock = storage.DirectoryLock(self._directory)
+            self._lock.acquire()
+            try:
+                storage.remove_leftovers(self._directory)
+            except OSError as exc:
+                warnings.warn(f"ckptmgr: cannot clean up {self._directory}: {exc}", CheckpointWarning, stacklevel=2)
+        try:
+            self._refresh(write_index=not read_only)
+        except BaseException:
+            self._release()
+            raise
+        if async_save:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
+            # Flush pending writes at interpreter exit even if close() was never called.
+            self._finalizer = weakref.finalize(self, _flush_at_exit, self._executor)
+            atexit.register(self._finalizer)
+        recorded = self._newest_tracker_state()
+        if self._tracker is None and read_only and isinstance(recorded, dict):
+            # A reader adopts the metric the run recorded, so restore("best") works.
+            try:
+                self._tracker = MetricTracker(
+                    recorded["monitor"], mode=recorded["mode"],
+                    min_delta=recorded.get("min_delta") or 0.0, baseline=recorded.get("baseline"),
+                )
+            except (KeyError, TypeError, ValueError):
+                self._tracker = None
+            else:
+                with self._mutex:
+                    self._apply_retention(delete=False)
+        self._restore_tracker(recorded)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint directory (absolute)."""
+        return self._directory
+
+    @property
+    def tracker(self) -> MetricTracker | None:
+        """The monitored metric's tracker (best value, its step, patience), or None."""
+        return self._tracker
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, ascending step (corrupt ones included, with reason "corrupt")."""
+        self._refresh_if_reader()
+        with self._mutex:
+            return [self._infos[s] for s in sorted(self._infos)]
+
+    @property
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint with the highest step, or None."""
+        self._refresh_if_reader()
+        with self._mutex:
+            return self._infos[max(self._infos)] if self._infos else None
+
+    @property
+    def best(self) -> CheckpointInfo | None:
+        """The committed checkpoint with the best ``monitor`` value (ties: earliest), or None."""
+        self._refresh_if_reader()
+        with self._mutex:
+            return self._best_locked()
+
+    def _best_locked(self) -> CheckpointInfo | None:
+        if self._tracker is None:
+            return None
+        ranked = best_order(list(self._infos.values()), self._tracker.monitor, self._tracker.mode)
+        return ranked[0] if ranked else None
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self._directory)!r}, checkpoints={len(self._infos)})"
+
+    # ------------------------------------------------------------------------ saving
+
+    def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
+        """Whether ``save(step, ..., metrics=metrics)`` would write a checkpoint.
+
+        Changes nothing: use it to skip building an expensive state on steps that would
+        not be saved.
+        """
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
+        value = metrics.get(self._tracker.monitor) if self._tracker else None
+        if self._best_only and value is None:
+            return False
+        if self._save_every is None:
+            return True
+        improved = self._tracker.would_improve(value) if self._tracker else False
+        return self._save_every.should_save(self._save_context(step, improved))
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
+    ) -> CheckpointInfo | None:
+        """Save ``state`` as the checkpoint of ``step`` if the save policy says so.
+
+        The monitored metric (if any) is recorded first, whether or not this step is
+        saved, so patience counts every call that reports it. Saving a step that
+        already exists replaces that checkpoint.
+
+        Args:
+            step: the training step (int >= 0).
+            state: the state tree.
+            metrics: numbers to store with the checkpoint, e.g. ``{"val_loss": 0.3}``.
+            force: save whatever the policy says (pre-emption, end of training).
+
+        Returns:
+            The new checkpoint's info; None when the policy skipped this step. With
+            ``async_save`` the info describes the checkpoint being written (``wait()``
+            for it to be committed).
+
+        Raises:
+            TypeError: ``state`` holds an unsupported type (the message names its path).
+            ValueError: bad ``step`` or ``metrics``.
+            CheckpointIOError: the write failed (disk full, permission, I/O error); no
+                earlier checkpoint is touched and the manager stays usable. With
+                ``async_save``, a failure of the previous background write.
+            CheckpointError: the manager is read-only or closed.
+        """
+        self._check_writable()
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
+        if not isinstance(force, bool):
+            raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
+        value = None
+        improved = False
+        if self._tracker is not None:
+            value = metrics.get(self._tracker.monitor)
+            if value is None:
+                warnings.warn(
+                    f"ckptmgr: save(step={step}) got no {self._tracker.monitor!r} metric "
+                    f"(got {sorted(metrics)}); "
+                    + ("skipping: best_only needs it" if self._best_only and not force
+                       else "the checkpoint is never ranked best"),
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+            improved = self._tracker.update(step, value)
+        if not force:
+            if self._best_only and value is None:
+                return None
+            if self._save_every is not None and not self._save_every.should_save(
+                self._save_context(step, improved)
+            ):
+                return None
+        now = self._clock()
+        meta = {
+            "step": step,
+            "time": now,
+            "metrics": metrics,
+            "tracker": self._tracker.state_dict() if self._tracker else None,
+        }
+        self._last_save_time = now
+        if self._executor is None:
+            return self._commit(step, state, meta)
+        self._wait_pending()
+        snapshot = _snapshot(state)
+        info = CheckpointInfo(step, self._directory / storage.checkpoint_name(step), metrics, now, 0)
+        self._pending = self._executor.submit(self._commit, step, snapshot, meta)
+        return info
+
+    def _save_context(self, step: int, improved: bool) -> SaveContext:
+        with self._mutex:
+            last_step = max(self._infos) if self._infos else None
+        return SaveContext(step=step, now=self._clock(), last_step=last_step,
+                           last_time=self._last_save_time, improved=improved)
+
+    def _commit(self, step: int, state: Any, meta: dict[str, Any]) -> CheckpointInfo:
+        name = storage.checkpoint_name(step)
+        nbytes = storage.write_atomic(self._directory, name, lambda tmp: codec.write_file(tmp, state, meta))
+        meta = dict(meta, nbytes=nbytes)
+        with self._mutex:
+            self._add(name, meta)
+            self._apply_retention()
+            return self._infos[step]
+
+    def wait(self) -> None:
+        """Block until the background write (``async_save``) is committed.
+
+        Raises:
+            CheckpointError: the background write failed.
+        """
+        self._wait_pending()
+
+    def _wait_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        exc = pending.exception()
+        if exc is None:
+            return
+        if isinstance(exc, CheckpointError):
+            raise exc
+        raise CheckpointError(f"Background save to {self._directory} failed: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Wait for pending writes, update the index, release the writer lock. Idempotent.
+
+        Raises:
+            CheckpointError: a pending background write failed (the lock is released
+                anyway).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wait_pending()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._finalizer.detach()
+            if self._lock is not None:
+                self._write_index()
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None and self._lock.is_locked:
+            self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as close_exc:
+            warnings.warn(f"ckptmgr: while closing after an error: {close_exc}", CheckpointWarning, stacklevel=2)
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is read-only")
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is closed")
+
+    # --------------------------------------------------------------------- retention
+
+    def _apply_retention(self, *, delete: bool = True) -> None:
+        """Delete what no policy keeps, except the latest and the best; set keep_reasons.
+
+        With ``delete=False`` (a directory just opened, or a reader) only the reasons are
+        computed; what would go is marked "unretained".
+        """
+        infos = [self._infos[s] for s in sorted(self._infos)]
+        if not infos:
+            return
+        if self._keep is None:
+            kept: dict[int, list[str]] = {c.step: ["keep all"] for c in infos}
+        else:
+            context = RetentionContext(
+                now=self._clock(),
+                monitor=self._tracker.monitor if self._tracker else None,
+                mode=self._tracker.mode if self._tracker else "min",
+            )
+            kept = {s: list(r) for s, r in self._keep.keep(infos, context).items()}
+        # The two protections of invariant 5, whatever the policies say.
+        kept.setdefault(infos[-1].step, []).insert(0, "latest")
+        best = self._best_locked()
+        if best is not None and self._tracker is not None:
+            label = f"best {self._tracker.monitor}"
+            reasons = kept.setdefault(best.step, [])
+            if not any(r.startswith(label) for r in reasons):
+                reasons.insert(0, label)
+        for step, reason in self._corrupt.items():
+            if step in kept:
+                kept[step].append(f"corrupt: {reason}")
+        doomed = [c for c in infos if c.step not in kept]
+        if not delete:
+            for c in doomed:
+                kept[c.step] = ["unretained: deleted at the next save"]
+            doomed = []
+        failures = storage.remove_files(self._directory, [c.path.name for c in doomed])
+        for c in doomed:
+            if c.path.name in failures:
+                warnings.warn(
+                    f"ckptmgr: cannot delete {c.path}: {failures[c.path.name]}", CheckpointWarning, stacklevel=4
+                )
+                kept[c.step] = ["not deleted: " + str(failures[c.path.name])]
+            else:
+                self._forget(c.step)
+        for step, reasons in kept.items():
+            if step in self._infos:
+                self._infos[step] = self._infos[step].with_reasons(tuple(reasons))
+
+    # ----------------------------------------------------------------------- records
+
+    def _add(self, name: str, meta: Mapping[str, Any], corrupt: str | None = None) -> None:
+        step = storage.parse_name(name)
+        assert step is not None
+        metrics = meta.get("metrics")
+        self._infos[step] = CheckpointInfo(
+            step=step,
+            path=self._directory / name,
+            metrics=metrics if isinstance(metrics, dict) else {},
+            time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
+            nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
+        )
+        self._trackers[step] = meta.get("tracker")
+        if corrupt:
+            self._corrupt[step] = corrupt
+        else:
+            self._corrupt.pop(step, None)
+
+    def _forget(self, step: int) -> None:
+        self._infos.pop(step, None)
+        self._trackers.pop(step, None)
+        self._corrupt.pop(step, None)
+
+    def _refresh_if_reader(self) -> None:
+        if self._read_only:
+            self._refresh(write_index=False)
+
+    def _refresh(self, *, write_index: bool) -> None:
+        """(Re)build the records from the directory, reading only files the index lacks."""
+        index = storage.load_index(self._directory)
+        entries = list(storage.scan(self._directory))
+        changed = len(entries) != len(index)
+        with self._mutex:
+            self._infos.clear()
+            self._trackers.clear()
+            self._corrupt.clear()
+            for entry in entries:
+                cached = index.get(entry.name)
+                if (
+                    isinstance(cached, dict)
+                    and cached.get("size") == entry.size
+                    and cached.get("mtime_ns") == entry.mtime_ns
+                    and isinstance(cached.get("meta"), dict)
+                ):
+                    self._add(entry.name, cached["meta"], cached.get("corrupt"))
+                    continue
+                changed = True
+                path = self._directory / entry.name
+                try:
+                    manifest = codec.read_meta(path)
+                    if manifest.get("step") != entry.step:
+                        raise CorruptCheckpointError(
+                            f"{path}: holds step {manifest.get('step')!r}, its name says {entry.step}"
+                        )
+                    self._add(entry.name, _meta_subset(manifest))
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except (CorruptCheckpointError, OSError) as exc:
+                    self._add(entry.name, {"time": entry.mtime_ns / 1e9}, corrupt=_reason(exc))
+            self._apply_retention(delete=False)
+            if changed and write_index:
+                self._write_index(entries)
+
+    def _write_index(self, entries: list[storage.Entry] | None = None) -> None:
+        if entries is None:
+            entries = list(storage.scan(self._directory))
+        with self._mutex:
+            data = {}
+            for entry in entries:
+                info = self._infos.get(entry.step)
+                if info is None or info.path.name != entry.name:
+                    continue
+                data[entry.name] = {
+                    "size": entry.size,
+                    "mtime_ns": entry.mtime_ns,
+                    "meta": {"step": info.step, "time": info.time, "metrics": dict(info.metrics),
+                             "nbytes": info.nbytes, "tracker": self._trackers.get(info.step)},
+                    "corrupt": self._corrupt.get(info.step),
+                }
+        storage.save_index(self._directory, data)
+
+    def _newest_tracker_state(self) -> Any:
+        with self._mutex:
+            for step in sorted(self._infos, reverse=True):
+                if step not in self._corrupt and self._trackers.get(step) is not None:
+                    return self._trackers[step]
+        return None
+
+    def _restore_tracker(self, state: Any) -> None:
+        if self._tracker is not None and state is not None:
+            if not self._tracker.load_state_dict(state):
+                warnings.warn(
+                    f"ckptmgr: the checkpoints in {self._directory} tracked "
+                    f"{state.get('monitor') if isinstance(state, dict) else state!r}/"
+                    f"{state.get('mode') if isinstance(state, dict) else ''}, not "
+                    f"{self._tracker.monitor}/{self._tracker.mode}; starting a new best",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
+
+    # --------------------------------------------------------------------- restoring
+
+    def restore(self, which: Which = "latest", *, verify: bool = True) -> Any:
+        """Load a checkpoint's state tree.
+
+        ``"latest"`` falls back to the newest checkpoint that verifies, warning
+        (:class:`CheckpointWarning`) about each one it skips; ``"best"`` and a step
+        number load exactly that checkpoint.
+
+        Args:
+            which: ``"latest"``, ``"best"`` or a step.
+            verify: check every array's checksum (recommended; the cost is small).
+
+        Returns:
+            The state tree, equal to the one saved (types, dtypes, shapes, values).
+
+        Raises:
+            CheckpointNotFoundError: no checkpoint at all, no best, or no such step.
+            CorruptCheckpointError: the named checkpoint (or every checkpoint, for
+                ``"latest"``) fails verification.
+            CheckpointIOError: a file could not be read.
+        """
+        return self._restore(which, verify)[0]
+
+    def restore_or_initialize(self, init: Callable[[], T]) -> T | Any:
+        """The latest good checkpoint's state, or ``init()`` if there is no checkpoint.
+
+        Raises:
+            CorruptCheckpointError: checkpoints exist but none verifies (initialising
+                would silently throw the run away).
+            CheckpointIOError: a file could not be read.
+        """
+        try:
+            return self._restore("latest", True)[0]
+        except CheckpointNotFoundError:
+            return init()
+
+    def verify(self, which: Which = "latest") -> CheckpointInfo:
+        """Check every checksum of one checkpoint (no fallback); return its info.
+
+        Raises:
+            CheckpointNotFoundError, CorruptCheckpointError, CheckpointIOError.
+        """
+        info = self._resolve(which)
+        self._read(info, lambda path: (None, codec.verify_file(path)))
+        return info
+
+    def _resolve(self, which: Which) -> CheckpointInfo:
+        self._refresh_if_reader()
+        with self._mutex:
+            if which == "best":
+                best = self._best_locked()
+                if best is None:
+                    raise CheckpointNotFoundError(
+                        f"No best checkpoint in {self._directory}"
+                        + ("" if self._tracker else " (the manager has no monitor=)")
+                    )
+                return best
+            if which == "latest":
+                if not self._infos:
+                    raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
+                return self._infos[max(self._infos)]
+            if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+                info = self._infos.get(int(which))
+                if info is None:
+                    raise CheckpointNotFoundError(
+                        f"No checkpoint of step {int(which)} in {self._directory} "
+                        f"(steps: {_steps_text(sorted(self._infos))})"
+                    )
+                return info
+        raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
+
+    def _read(self, info: CheckpointInfo, reader: Callable[[Path], tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+        path = info.path
+        reason = self._corrupt.get(info.step)
+        if reason is not None:
+            raise CorruptCheckpointError(f"{path}: {reason}")
+        try:
+            if not storage.is_regular_file(path):
+                raise CorruptCheckpointError(f"{path}: not a regular file, refused")
+            tree, manifest = reader(path)
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
+        except CorruptCheckpointError:
+            raise
+        except OSError as exc:
+            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
+        if manifest.get("step") != info.step:
+            raise CorruptCheckpointError(
+                f"{path}: holds step {manifest.get('step')!r}, its name says {info.step}"
+            )
+        return tree, manifest
+
+    def _restore(self, which: Which, verify: bool) -> tuple[Any, CheckpointInfo]:
+        def reader(path: Path) -> tuple[Any, dict[str, Any]]:
+            return codec.read_file(path, verify=verify)
+
+        if which != "latest":
+            info = self._resolve(which)
+            tree, manifest = self._read(info, reader)
+            self._after_restore(manifest)
+            return tree, info
+        failures: list[str] = []
+        for _attempt in range(_READ_RETRIES):
+            self._refresh_if_reader()
+            with self._mutex:
+                candidates = [self._infos[s] for s in sorted(self._infos, reverse=True)]
+            if not candidates:
+                break
+            raced = False
+            for info in candidates:
+                try:
+                    tree, manifest = self._read(info, reader)
+                except CheckpointNotFoundError:
+                    # Deleted under us (a reader racing the writer's retention, or a
+                    # user's rm): list again, a newer checkpoint replaced it.
+                    raced = True
+                    with self._mutex:
+                        if not self._read_only:
+                            self._forget(info.step)
+                    break
+                except CorruptCheckpointError as exc:
+                    failures.append(str(exc))
+                    warnings.warn(
+                        f"ckptmgr: skipping corrupt checkpoint {exc}; falling back to an older one",
+                        CheckpointWarning,
+                        stacklevel=3,
+                    )
+                    continue
+                self._after_restore(manifest)
+                return tree, info
+            if not raced:
+                break
+        if failures:
+            raise CorruptCheckpointError(
+                f"No checkpoint in {self._directory} verifies ({len(failures)} corrupt): "
+                + "; ".join(failures)
+            )
+        raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
+
+    def _after_restore(self, manifest: Mapping[str, Any]) -> None:
+        # Resuming from a checkpoint resumes its metric history too.
+        if not self._read_only and self._tracker is not None and manifest.get("tracker") is not None:
+            self._restore_tracker(manifest["tracker"])
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"Expected step to be an int >= 0. Received: step={step!r}")
+    return int(step)
+
+
+def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"Expected metrics to be a mapping of str to number. Received: metrics={metrics!r}")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise ValueError(f"Expected metric names to be str. Received: metrics key {key!r}")
+        try:
+            number = float(value)  # NumPy scalars, 0-d arrays, framework scalars
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Expected metric values to be numbers. Received: metrics[{key!r}]={value!r}"
+            ) from None
+        out[key] = number
+    return out
+
+
+def _snapshot(tree: Any) -> Any:
+    """A deep copy of a state tree's mutable leaves (arrays), validating it first."""
+    codec.encode_tree(tree)
+
+    def copy(value: Any) -> Any:
+        kind = type(value)
+        if kind is dict:
+            return {k: copy(v) for k, v in value.items()}
+        if kind is list:
+            return [copy(v) for v in value]
+        if kind is tuple:
+            return tuple(copy(v) for v in value)
+        if kind is np.ndarray:
+            return value.copy()
+        return value
+
+    return copy(tree)
+
+
+def _flush_at_exit(executor: ThreadPoolExecutor) -> None:
+    executor.shutdown(wait=True)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text and isinstance(exc, CorruptCheckpointError) else text
+
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return ", ".join(map(str, steps[:4])) + ", ..., " + ", ".join(map(str, steps[-3:]))
+

@@ -1,0 +1,400 @@
+"""Save policies (when to save) and retention policies (what to keep).
+
+Both kinds are small immutable objects with one method and no I/O: the current time is
+passed in, so every policy is a pure function of its inputs and is tested as a table.
+
+Save policies answer ``should_save(context) -> bool`` and compose with ``|`` (any)
+and ``&`` (all)::
+
+    EverySteps(1000) | EverySeconds(1800)      # whichever comes first
+    EverySteps(1000) & OnImprovement()         # on 1000-step boundaries, if better
+
+Retention policies answer ``keep(checkpoints, context) -> {step: [reasons]}`` and
+compose with ``|``: a checkpoint is kept if any policy keeps it. The manager adds two
+protections of its own, whatever the policies say: the latest checkpoint and the
+current best are never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from .info import CheckpointInfo
+from .metrics import Mode, is_finite_number, resolve_mode
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "AnyRetention",
+    "EverySeconds",
+    "EverySteps",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "OnImprovement",
+    "RetentionContext",
+    "RetentionPolicy",
+    "SaveContext",
+    "SavePolicy",
+    "best_order",
+]
+
+
+# ----------------------------------------------------------------------- save policies
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveContext:
+    """What a save policy sees.
+
+    Attributes:
+        step: the step being considered.
+        now: the current time, POSIX seconds.
+        last_step: the step of the last checkpoint, or None if there is none.
+        last_time: when the clock for time-based saving started: the last save of this
+            session, or the session's start.
+        improved: whether the monitored metric improved at this step.
+    """
+
+    step: int
+    now: float
+    last_step: int | None = None
+    last_time: float | None = None
+    improved: bool = False
+
+
+@runtime_checkable
+class SavePolicy(Protocol):
+    """Decides whether a step is saved. Implementations are pure."""
+
+    def should_save(self, context: SaveContext) -> bool: ...
+
+
+class _SaveOps:
+    def __or__(self, other: SavePolicy) -> AnyOf:
+        _check_save_policy(other, "|")
+        return AnyOf((*_flatten(self, AnyOf), *_flatten(other, AnyOf)))  # type: ignore[arg-type]
+
+    def __and__(self, other: SavePolicy) -> AllOf:
+        _check_save_policy(other, "&")
+        return AllOf((*_flatten(self, AllOf), *_flatten(other, AllOf)))  # type: ignore[arg-type]
+
+
+def _check_save_policy(other: object, op: str) -> None:
+    if not isinstance(other, SavePolicy):
+        raise TypeError(f"Expected a save policy on both sides of {op!r}. Received: {other!r}")
+
+
+def _flatten(policy: object, kind: type) -> tuple[SavePolicy, ...]:
+    return tuple(policy.policies) if isinstance(policy, kind) else (policy,)  # type: ignore[attr-defined]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"Expected {name} to be an int >= 1. Received: {name}={value!r}")
+    return value
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    if not is_finite_number(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"Expected {name} to be a finite number > 0. Received: {name}={value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class EverySteps(_SaveOps):
+    """Save when the step reaches a multiple of ``n``, or has passed one since the last save.
+
+    Counting from the last checkpoint's step (not from the process start) keeps the
+    schedule the same across restarts, and a step that skips over a multiple (saving is
+    considered every 7 steps, say) still saves right after it.
+
+    >>> p = EverySteps(100)
+    >>> [p.should_save(SaveContext(s, 0.0, last_step=last)) for s, last in [(100, 0), (150, 100), (207, 150)]]
+    [True, False, True]
+
+    Args:
+        n: the interval, in steps (>= 1).
+    """
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _positive_int("n", self.n)
+
+    def should_save(self, context: SaveContext) -> bool:
+        if context.last_step is None:
+            return context.step % self.n == 0 or context.step >= self.n
+        return context.step // self.n > context.last_step // self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class EverySeconds(_SaveOps):
+    """Save when ``seconds`` have passed since the last save of this session (or its start).
+
+    >>> p = EverySeconds(60)
+    >>> p.should_save(SaveContext(5, now=130.0, last_time=100.0)), p.should_save(SaveContext(6, now=160.0, last_time=100.0))
+    (False, True)
+
+    Args:
+        seconds: the interval (> 0).
+    """
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seconds", _positive_seconds("seconds", self.seconds))
+
+    def should_save(self, context: SaveContext) -> bool:
+        if context.last_time is None:
+            return True
+        return context.now - context.last_time >= self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class OnImprovement(_SaveOps):
+    """Save when the monitored metric improves on the best seen so far.
+
+    The manager decides what "improves" means from its ``monitor``, ``mode``,
+    ``min_delta`` and ``baseline``. Combine with ``&`` to save only on a schedule *and*
+    when better, or with ``|`` to save on a schedule *or* when better.
+
+    >>> OnImprovement().should_save(SaveContext(3, 0.0, improved=True))
+    True
+    """
+
+    def should_save(self, context: SaveContext) -> bool:
+        return context.improved
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyOf(_SaveOps):
+    """Save if any of ``policies`` says so (what ``a | b`` builds).
+
+    >>> p = EverySteps(1000) | OnImprovement()
+    >>> p.should_save(SaveContext(10, 0.0, last_step=0, improved=True))
+    True
+    """
+
+    policies: tuple[SavePolicy, ...]
+
+    def should_save(self, context: SaveContext) -> bool:
+        return any(p.should_save(context) for p in self.policies)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllOf(_SaveOps):
+    """Save if all of ``policies`` say so (what ``a & b`` builds).
+
+    >>> p = EverySteps(1000) & OnImprovement()
+    >>> p.should_save(SaveContext(1000, 0.0, last_step=0, improved=False))
+    False
+    """
+
+    policies: tuple[SavePolicy, ...]
+
+    def should_save(self, context: SaveContext) -> bool:
+        return all(p.should_save(context) for p in self.policies)
+
+
+# ------------------------------------------------------------------ retention policies
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionContext:
+    """What a retention policy sees besides the checkpoints.
+
+    Attributes:
+        now: the current time, POSIX seconds.
+        monitor: the manager's monitored metric, or None.
+        mode: the manager's resolved direction, "min" or "max".
+    """
+
+    now: float = 0.0
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
+
+
+@runtime_checkable
+class RetentionPolicy(Protocol):
+    """Chooses which checkpoints to keep. Implementations are pure.
+
+    ``keep`` receives the checkpoints in ascending step order and returns the steps to
+    keep, each with the reasons it is kept; steps not returned may be deleted.
+    """
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]: ...
+
+
+class _KeepOps:
+    def __or__(self, other: RetentionPolicy) -> AnyRetention:
+        if not isinstance(other, RetentionPolicy):
+            raise TypeError(f"Expected a retention policy on both sides of '|'. Received: {other!r}")
+        return AnyRetention((*_flatten(self, AnyRetention), *_flatten(other, AnyRetention)))  # type: ignore[arg-type]
+
+
+def best_order(
+    checkpoints: Sequence[CheckpointInfo], monitor: str, mode: Literal["min", "max"]
+) -> list[CheckpointInfo]:
+    """Checkpoints that report a finite ``monitor``, best first (ties: the earlier step)."""
+    ranked = [c for c in checkpoints if is_finite_number(c.metrics.get(monitor))]
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted(ranked, key=lambda c: (sign * c.metrics[monitor], c.step))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepLast(_KeepOps):
+    """Keep the ``n`` newest checkpoints.
+
+    >>> infos = [CheckpointInfo(s, f"ckpt-{s}") for s in (1, 2, 3, 4)]
+    >>> sorted(KeepLast(2).keep(infos, RetentionContext()))
+    [3, 4]
+
+    Args:
+        n: how many (>= 1).
+    """
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _positive_int("n", self.n)
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]:
+        return {c.step: [f"last {self.n}"] for c in checkpoints[-self.n:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepBest(_KeepOps):
+    """Keep the ``n`` best checkpoints by a metric.
+
+    By default the metric and direction are the manager's ``monitor`` and ``mode``;
+    give ``monitor=`` (and ``mode=``) to rank by another one. Checkpoints without a
+    finite value of the metric are never ranked.
+
+    >>> infos = [CheckpointInfo(s, f"ckpt-{s}", {"val_loss": v}) for s, v in [(1, .5), (2, .3), (3, .4)]]
+    >>> dict(KeepBest(2).keep(infos, RetentionContext(monitor="val_loss", mode="min")))
+    {2: ['best val_loss #1'], 3: ['best val_loss #2']}
+
+    Args:
+        n: how many (>= 1).
+        monitor: the metric to rank by (default: the manager's).
+        mode: "min", "max" or "auto" for ``monitor``.
+
+    Raises:
+        ValueError: bad arguments; or ``mode="auto"`` with a name whose direction
+            cannot be inferred.
+    """
+
+    n: int
+    monitor: str | None = None
+    mode: Mode = "auto"
+
+    def __post_init__(self) -> None:
+        _positive_int("n", self.n)
+        if self.monitor is not None:
+            if not isinstance(self.monitor, str) or not self.monitor:
+                raise ValueError(f"Expected monitor to be a non-empty str or None. Received: monitor={self.monitor!r}")
+            resolve_mode(self.monitor, self.mode)
+        elif self.mode not in ("auto", "min", "max"):
+            raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={self.mode!r}")
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]:
+        if self.monitor is not None:
+            monitor, mode = self.monitor, resolve_mode(self.monitor, self.mode)
+        elif context.monitor is not None:
+            monitor = context.monitor
+            mode = context.mode if self.mode == "auto" else self.mode
+        else:
+            return {}
+        ranked = best_order(checkpoints, monitor, mode)[: self.n]
+        return {c.step: [f"best {monitor} #{i}"] for i, c in enumerate(ranked, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEvery(_KeepOps):
+    """Keep one checkpoint per interval of steps, or of time, for the long view.
+
+    For each interval ``[k*n, (k+1)*n)`` the first checkpoint in it is kept; when steps
+    are multiples of ``n`` that is exactly the checkpoint at each multiple. Later
+    checkpoints never change which one an interval keeps.
+
+    >>> infos = [CheckpointInfo(s, f"ckpt-{s}") for s in (0, 500, 1000, 1500, 2100)]
+    >>> sorted(KeepEvery(steps=1000).keep(infos, RetentionContext()))
+    [0, 1000, 2100]
+
+    Args:
+        steps: the interval in steps; or
+        seconds: the interval in seconds of checkpoint time (give exactly one).
+    """
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.seconds is None):
+            raise ValueError(
+                "Expected exactly one of steps= or seconds=. "
+                f"Received: steps={self.steps!r}, seconds={self.seconds!r}"
+            )
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        else:
+            object.__setattr__(self, "seconds", _positive_seconds("seconds", self.seconds))
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]:
+        if self.steps is not None:
+            interval: float = self.steps
+            reason = f"every {self.steps} steps"
+            bucket_of = lambda c: c.step // self.steps  # noqa: E731
+        else:
+            interval = float(self.seconds)  # type: ignore[arg-type]
+            reason = f"every {_seconds_text(interval)}"
+            bucket_of = lambda c: math.floor(c.time / interval)  # noqa: E731
+        kept: dict[int, list[str]] = {}
+        seen: set[int] = set()
+        order = checkpoints if self.steps is not None else sorted(checkpoints, key=lambda c: (c.time, c.step))
+        for c in order:
+            bucket = bucket_of(c)
+            if bucket not in seen:
+                seen.add(bucket)
+                kept[c.step] = [reason]
+        return kept
+
+
+def _seconds_text(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyRetention(_KeepOps):
+    """Keep a checkpoint if any of ``policies`` keeps it (what ``a | b`` builds).
+
+    >>> infos = [CheckpointInfo(s, f"ckpt-{s}") for s in range(0, 50, 10)]
+    >>> dict((KeepLast(1) | KeepEvery(steps=20)).keep(infos, RetentionContext()))
+    {40: ['last 1', 'every 20 steps'], 0: ['every 20 steps'], 20: ['every 20 steps']}
+    """
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]:
+        kept: dict[int, list[str]] = {}
+        for policy in self.policies:
+            for step, reasons in policy.keep(checkpoints, context).items():
+                kept.setdefault(step, []).extend(r for r in reasons if r not in kept.get(step, []))
+        return kept

@@ -1,0 +1,264 @@
+"""The only module that touches the filesystem: naming, atomic commit, scan, lock, index.
+
+Directory layout::
+
+    runs/exp1/
+      ckpt-000001000.h5        committed checkpoints (step zero-padded to 9+ digits)
+      .ckpt-<random>.tmp       a save in progress; removed by the next writer that opens
+      .ckptmgr.lock            the writer lock (filelock; released by the OS on death)
+      .ckptmgr-index.json      a cache of the checkpoints' metadata; rebuilt when stale
+      anything else            not ours: ignored, never deleted
+
+Commit protocol (invariant 1): write to ``.ckpt-<random>.tmp`` in the same directory,
+flush and fsync it, rename it to its final name, fsync the directory. A crash before
+the rename leaves only a temporary file; after it, a complete, durable checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import filelock
+
+from .errors import CheckpointIOError, DirectoryLockedError, describe_os_error
+
+T = TypeVar("T")
+
+LOCK_NAME = ".ckptmgr.lock"
+INDEX_NAME = ".ckptmgr-index.json"
+INDEX_VERSION = 1
+_CKPT_RE = re.compile(r"ckpt-(\d{9,20})\.h5")
+_TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp")
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint of ``step``."""
+    return f"ckpt-{step:09d}.h5"
+
+
+def parse_name(name: str) -> int | None:
+    """The step of a checkpoint file name, or None if the name is not one of ours."""
+    match = _CKPT_RE.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    # Only the canonical spelling: "ckpt-0000000001.h5" and "ckpt-000000001.h5" would
+    # otherwise both claim step 1.
+    return step if checkpoint_name(step) == name else None
+
+
+def io_error(action: str, path: str | os.PathLike[str], exc: OSError) -> CheckpointIOError:
+    """A CheckpointIOError whose message names what failed, the path, and the cause."""
+    return CheckpointIOError(f"{action} {os.fspath(path)}: {describe_os_error(exc)}", path, exc)
+
+
+def ensure_directory(path: Path) -> None:
+    """Create ``path`` (and parents) if missing.
+
+    Raises:
+        CheckpointIOError: it cannot be created, or exists and is not a directory.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise io_error("Expected a directory, found a file at", path, exc) from exc
+    except OSError as exc:
+        raise io_error("Cannot create checkpoint directory", path, exc) from exc
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectoryLock:
+    """The single-writer lock of a checkpoint directory (non-blocking).
+
+    Raises:
+        DirectoryLockedError: from :meth:`acquire`, when a live process holds it.
+        CheckpointIOError: the lock file cannot be created.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_NAME
+        self._lock = filelock.FileLock(self.path, timeout=0, thread_local=False)
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout as exc:
+            raise DirectoryLockedError(
+                f"Checkpoint directory {self.path.parent} is locked by another writer "
+                f"(lock file {self.path}). Only one process may save to a directory; "
+                "pass read_only=True to restore from it while it is in use",
+            ) from exc
+        except OSError as exc:
+            raise io_error("Cannot lock checkpoint directory", self.path.parent, exc) from exc
+
+    def release(self) -> None:
+        self._lock.release(force=True)
+
+    @property
+    def is_locked(self) -> bool:
+        return self._lock.is_locked
+
+
+def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -> T:
+    """Run ``write(tmp_path)`` and commit its file as ``directory/final_name`` atomically.
+
+    ``write`` must create ``tmp_path`` itself (exclusively). The temporary file is
+    removed if anything fails, so no leftover stays behind and nothing that existed
+    before is touched.
+
+    Raises:
+        CheckpointIOError: any OS error, naming the final path and the cause.
+        Exception: whatever ``write`` raises for reasons other than I/O.
+    """
+    final = directory / final_name
+    tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp"
+    try:
+        result = write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise io_error("Cannot write checkpoint", final, exc) from exc
+        raise
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        # The file is complete under its final name, but the rename may not be durable.
+        raise io_error("Cannot make checkpoint durable (fsync of directory)", final, exc) from exc
+    return result
+
+
+def remove_files(directory: Path, names: Iterable[str]) -> dict[str, OSError]:
+    """Delete ``names`` in ``directory``, fsync it once; return the failures by name."""
+    failures: dict[str, OSError] = {}
+    removed = False
+    for name in names:
+        try:
+            os.unlink(directory / name)
+            removed = True
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failures[name] = exc
+    if removed:
+        try:
+            fsync_directory(directory)
+        except OSError as exc:
+            failures[""] = exc
+    return failures
+
+
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove temporary files left by interrupted saves; return their names.
+
+    Only call while holding the writer lock: then no save is in progress.
+    """
+    names = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if _TMP_RE.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                names.append(entry.name)
+    failures = remove_files(directory, names)
+    return [n for n in names if n not in failures]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A checkpoint file seen by :func:`scan`."""
+
+    step: int
+    name: str
+    size: int
+    mtime_ns: int
+
+
+def scan(directory: Path) -> Iterator[Entry]:
+    """The checkpoint files of ``directory``: regular files with our name pattern.
+
+    Symbolic links and anything else with a checkpoint's name are skipped: reading
+    through them could read outside the directory.
+
+    Raises:
+        CheckpointIOError: the directory cannot be listed.
+    """
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except OSError as exc:
+        raise io_error("Cannot list checkpoint directory", directory, exc) from exc
+    for entry in entries:
+        step = parse_name(entry.name)
+        if step is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted since the listing
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield Entry(step, entry.name, st.st_size, st.st_mtime_ns)
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file and not a symbolic link.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    return stat.S_ISREG(os.lstat(path).st_mode)
+
+
+def file_mtime(path: Path) -> float:
+    return os.lstat(path).st_mtime
+
+
+def load_index(directory: Path) -> dict[str, Any]:
+    """The cached metadata by file name; empty when the index is missing or damaged."""
+    try:
+        with open(directory / INDEX_NAME, "rb") as fh:
+            data = json.loads(fh.read(64 * 1024 * 1024))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def save_index(directory: Path, entries: dict[str, Any]) -> None:
+    """Replace the index atomically. It is a cache: not fsynced, errors ignored."""
+    tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump({"version": INDEX_VERSION, "entries": entries}, fh, separators=(",", ":"))
+        os.replace(tmp, directory / INDEX_NAME)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
