@@ -21,6 +21,7 @@ from .errors import (
 from .info import CheckpointInfo
 from .manager import CheckpointManager
 from .metrics import MetricTracker
+from .payload import FilePayload
 from .policies import (
     EverySeconds,
     EverySteps,
@@ -47,6 +48,7 @@ __all__ = [
     "DirectoryLockedError",
     "EverySeconds",
     "EverySteps",
+    "FilePayload",
     "KeepBest",
     "KeepEvery",
     "KeepLast",

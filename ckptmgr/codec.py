@@ -91,12 +91,12 @@ def _ml_dtypes() -> Any:
 def _dtype_to_str(dtype: np.dtype[Any]) -> str | None:
     """The manifest name of a supported dtype, or None if the dtype is not supported."""
     if dtype.kind in _NATIVE_KINDS and dtype.fields is None and dtype.shape == ():
-        return dtype.str
+        return str(dtype.str)
     mld = _ml_dtypes()
     if mld is not None and dtype.kind == "V" and dtype.fields is None:
         name = dtype.name
         if isinstance(getattr(mld, name, None), type) and np.dtype(getattr(mld, name)) == dtype:
-            return name
+            return str(name)
     return None
 
 
@@ -554,3 +554,47 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
             _read_leaf(f, node, h5path, where, verify=True)
     return manifest
+
+
+# ------------------------------------------------------------------ payload sidecars
+
+
+def encode_sidecar(meta: Mapping[str, Any]) -> bytes:
+    """The sidecar of a payload checkpoint: its metadata as JSON, with its own CRC.
+
+    ``meta`` holds ``name``, ``size`` and ``crc32`` of the payload file besides the
+    usual ``step``, ``time``, ``metrics``, ``tracker``.
+    """
+    body = json.dumps(dict(meta, format=FORMAT_VERSION, checksum=CHECKSUM_NAME),
+                      separators=(",", ":"), sort_keys=True, allow_nan=True)
+    return json.dumps({"ckptmgr_payload": body, "crc32": checksum(body.encode("utf-8"))}).encode("utf-8")
+
+
+def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
+    """Parse and check a sidecar written by :func:`encode_sidecar`.
+
+    Raises:
+        CorruptCheckpointError: damaged, tampered with or malformed.
+    """
+    try:
+        outer = json.loads(blob.decode("utf-8"))
+        body = outer["ckptmgr_payload"]
+        if not isinstance(body, str) or checksum(body.encode("utf-8")) != outer["crc32"]:
+            raise CorruptCheckpointError(f"{where}: metadata checksum mismatch")
+        meta = json.loads(body)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed metadata ({exc})") from exc
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT_VERSION
+        or meta.get("checksum") != CHECKSUM_NAME
+        or not isinstance(meta.get("name"), str)
+        or type(meta.get("step")) is not int
+        or meta["step"] < 0
+        or type(meta.get("size")) is not int
+        or type(meta.get("crc32")) is not int
+    ):
+        raise CorruptCheckpointError(f"{where}: malformed metadata")
+    return meta

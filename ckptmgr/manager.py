@@ -10,6 +10,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -24,7 +25,8 @@ from .errors import (
     CorruptCheckpointError,
 )
 from .info import CheckpointInfo
-from .metrics import MetricTracker, Mode, is_finite_number, resolve_mode
+from .metrics import MetricTracker, Mode, is_finite_number
+from .payload import FilePayload
 from .policies import (
     AllOf,
     AnyOf,
@@ -54,9 +56,28 @@ def _policy_leaves(policy: object) -> Iterator[object]:
         yield policy
 
 
+_META_KEYS = ("step", "time", "metrics", "nbytes", "tracker", "name", "size", "crc32")
+
+
 def _meta_subset(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a checkpoint's manifest the manager keeps in memory and in the index."""
-    return {k: manifest.get(k) for k in ("step", "time", "metrics", "nbytes", "tracker")}
+    """The part of a checkpoint's metadata the manager keeps in memory and in the index."""
+    return {k: manifest[k] for k in _META_KEYS if k in manifest}
+
+
+@dataclass
+class _Record:
+    """The manager's view of one checkpoint."""
+
+    info: CheckpointInfo
+    meta: dict[str, Any]
+    corrupt: str | None = None
+    sidecar: str | None = None  # payload checkpoints: the metadata file's name
+
+    @property
+    def files(self) -> list[str]:
+        # The payload before its sidecar: a deletion cut short leaves a sidecar
+        # without payload, which the next writer removes, never an untracked payload.
+        return [self.info.path.name] + ([self.sidecar] if self.sidecar else [])
 
 
 class CheckpointManager:
@@ -163,7 +184,7 @@ class CheckpointManager:
                     f"Expected a monitor= metric for {needs_monitor[0]!r}. Received: monitor=None"
                 )
         if best_only:
-            save_every = OnImprovement() if save_every is None else save_every & OnImprovement()
+            save_every = OnImprovement() if save_every is None else AllOf((save_every, OnImprovement()))
         self._save_every = save_every
         self._keep = keep
         self._best_only = best_only
@@ -171,15 +192,12 @@ class CheckpointManager:
         self._clock = clock
         self._directory = Path(os.path.abspath(os.fspath(directory)))
         self._mutex = threading.RLock()
-        self._infos: dict[int, CheckpointInfo] = {}
-        self._trackers: dict[int, Any] = {}
-        self._corrupt: dict[int, str] = {}
+        self._records: dict[int, _Record] = {}
         self._closed = False
         self._lock: storage.DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[CheckpointInfo] | None = None
-        self._session_start = clock()
-        self._last_save_time = self._session_start
+        self._last_save_time = clock()
 
         if read_only:
             if not self._directory.is_dir():
@@ -188,12 +206,10 @@ class CheckpointManager:
             storage.ensure_directory(self._directory)
             self._lock = storage.DirectoryLock(self._directory)
             self._lock.acquire()
-            try:
-                storage.remove_leftovers(self._directory)
-            except OSError as exc:
-                warnings.warn(f"ckptmgr: cannot clean up {self._directory}: {exc}", CheckpointWarning, stacklevel=2)
         try:
-            self._refresh(write_index=not read_only)
+            if not read_only:
+                self._recover()
+            self._refresh()
         except BaseException:
             self._release()
             raise
@@ -212,10 +228,9 @@ class CheckpointManager:
                 )
             except (KeyError, TypeError, ValueError):
                 self._tracker = None
-            else:
-                with self._mutex:
-                    self._apply_retention(delete=False)
         self._restore_tracker(recorded)
+        with self._mutex:
+            self._apply_retention(delete=False)
 
     # ------------------------------------------------------------------ properties
 
@@ -234,14 +249,14 @@ class CheckpointManager:
         """Committed checkpoints, ascending step (corrupt ones included, with reason "corrupt")."""
         self._refresh_if_reader()
         with self._mutex:
-            return [self._infos[s] for s in sorted(self._infos)]
+            return [self._records[s].info for s in sorted(self._records)]
 
     @property
     def latest(self) -> CheckpointInfo | None:
         """The checkpoint with the highest step, or None."""
         self._refresh_if_reader()
         with self._mutex:
-            return self._infos[max(self._infos)] if self._infos else None
+            return self._records[max(self._records)].info if self._records else None
 
     @property
     def best(self) -> CheckpointInfo | None:
@@ -253,11 +268,11 @@ class CheckpointManager:
     def _best_locked(self) -> CheckpointInfo | None:
         if self._tracker is None:
             return None
-        ranked = best_order(list(self._infos.values()), self._tracker.monitor, self._tracker.mode)
+        ranked = best_order([r.info for r in self._records.values()], self._tracker.monitor, self._tracker.mode)
         return ranked[0] if ranked else None
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({str(self._directory)!r}, checkpoints={len(self._infos)})"
+        return f"CheckpointManager({str(self._directory)!r}, checkpoints={len(self._records)})"
 
     # ------------------------------------------------------------------------ saving
 
@@ -293,7 +308,7 @@ class CheckpointManager:
 
         Args:
             step: the training step (int >= 0).
-            state: the state tree.
+            state: the state tree, or a :class:`FilePayload` (a framework's own file).
             metrics: numbers to store with the checkpoint, e.g. ``{"val_loss": 0.3}``.
             force: save whatever the policy says (pre-emption, end of training).
 
@@ -344,28 +359,55 @@ class CheckpointManager:
             "tracker": self._tracker.state_dict() if self._tracker else None,
         }
         self._last_save_time = now
+        if isinstance(state, FilePayload):
+            self._wait_pending()
+            tmp = storage.write_payload(self._directory, state.name, state.write)
+            commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
+            path = self._directory / state.name
+        else:
+            if self._executor is not None:
+                self._wait_pending()
+                state = _snapshot(state)
+            commit = lambda: self._commit_tree(step, state, meta)  # noqa: E731
+            path = self._directory / storage.checkpoint_name(step)
         if self._executor is None:
-            return self._commit(step, state, meta)
-        self._wait_pending()
-        snapshot = _snapshot(state)
-        info = CheckpointInfo(step, self._directory / storage.checkpoint_name(step), metrics, now, 0)
-        self._pending = self._executor.submit(self._commit, step, snapshot, meta)
-        return info
+            return commit()
+        self._pending = self._executor.submit(commit)
+        return CheckpointInfo(step, path, metrics, now, 0)
 
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
-            last_step = max(self._infos) if self._infos else None
+            last_step = max(self._records) if self._records else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
 
-    def _commit(self, step: int, state: Any, meta: dict[str, Any]) -> CheckpointInfo:
+    def _commit_tree(self, step: int, state: Any, meta: dict[str, Any]) -> CheckpointInfo:
         name = storage.checkpoint_name(step)
         nbytes = storage.write_atomic(self._directory, name, lambda tmp: codec.write_file(tmp, state, meta))
-        meta = dict(meta, nbytes=nbytes)
+        return self._committed(_Record(self._info(name, dict(meta, nbytes=nbytes)), dict(meta, nbytes=nbytes)))
+
+    def _commit_payload(self, name: str, tmp: Path, meta: dict[str, Any]) -> CheckpointInfo:
+        def record(size: int, crc: int) -> bytes:
+            meta.update(name=name, size=size, crc32=crc, nbytes=size)
+            return codec.encode_sidecar(meta)
+
+        storage.commit_payload(self._directory, tmp, name, record, codec.checksum)
+        return self._committed(_Record(self._info(name, meta), _meta_subset(meta), sidecar=storage.sidecar_name(name)))
+
+    def _committed(self, record: _Record) -> CheckpointInfo:
+        """Take a just-committed checkpoint into the records, then run retention."""
+        step = record.info.step
         with self._mutex:
-            self._add(name, meta)
+            replaced = [r for r in self._records.values()
+                        if r.info.step == step or r.info.path == record.info.path]
+            for old in replaced:
+                del self._records[old.info.step]
+            self._records[step] = record
+            # The same step saved under another name: the new checkpoint replaces it.
+            stale = [f for old in replaced if old.info.path != record.info.path for f in old.files]
+            self._delete_files(stale)
             self._apply_retention()
-            return self._infos[step]
+            return self._records[step].info
 
     def wait(self) -> None:
         """Block until the background write (``async_save``) is committed.
@@ -438,7 +480,7 @@ class CheckpointManager:
         With ``delete=False`` (a directory just opened, or a reader) only the reasons are
         computed; what would go is marked "unretained".
         """
-        infos = [self._infos[s] for s in sorted(self._infos)]
+        infos = [self._records[s].info for s in sorted(self._records)]
         if not infos:
             return
         if self._keep is None:
@@ -458,132 +500,161 @@ class CheckpointManager:
             reasons = kept.setdefault(best.step, [])
             if not any(r.startswith(label) for r in reasons):
                 reasons.insert(0, label)
-        for step, reason in self._corrupt.items():
-            if step in kept:
-                kept[step].append(f"corrupt: {reason}")
-        doomed = [c for c in infos if c.step not in kept]
+        for step, record in self._records.items():
+            if record.corrupt and step in kept:
+                kept[step].append(f"corrupt: {record.corrupt}")
+        doomed = [c.step for c in infos if c.step not in kept]
         if not delete:
-            for c in doomed:
-                kept[c.step] = ["unretained: deleted at the next save"]
+            for step in doomed:
+                kept[step] = ["unretained: deleted at the next save"]
             doomed = []
-        failures = storage.remove_files(self._directory, [c.path.name for c in doomed])
-        for c in doomed:
-            if c.path.name in failures:
-                warnings.warn(
-                    f"ckptmgr: cannot delete {c.path}: {failures[c.path.name]}", CheckpointWarning, stacklevel=4
-                )
-                kept[c.step] = ["not deleted: " + str(failures[c.path.name])]
+        failures = self._delete_files([f for step in doomed for f in self._records[step].files])
+        for step in doomed:
+            failed = [failures[f] for f in self._records[step].files if f in failures]
+            if failed:
+                kept[step] = [f"not deleted: {failed[0]}"]
             else:
-                self._forget(c.step)
+                del self._records[step]
         for step, reasons in kept.items():
-            if step in self._infos:
-                self._infos[step] = self._infos[step].with_reasons(tuple(reasons))
+            if step in self._records:
+                record = self._records[step]
+                record.info = record.info.with_reasons(tuple(reasons))
+
+    def _delete_files(self, names: list[str]) -> dict[str, OSError]:
+        failures = storage.remove_files(self._directory, names)
+        for name, exc in failures.items():
+            warnings.warn(
+                f"ckptmgr: cannot delete {self._directory / name}: {exc}", CheckpointWarning, stacklevel=5
+            )
+        return failures
 
     # ----------------------------------------------------------------------- records
 
-    def _add(self, name: str, meta: Mapping[str, Any], corrupt: str | None = None) -> None:
-        step = storage.parse_name(name)
-        assert step is not None
+    def _info(self, name: str, meta: Mapping[str, Any]) -> CheckpointInfo:
         metrics = meta.get("metrics")
-        self._infos[step] = CheckpointInfo(
-            step=step,
+        return CheckpointInfo(
+            step=int(meta["step"]),
             path=self._directory / name,
             metrics=metrics if isinstance(metrics, dict) else {},
             time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
             nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
         )
-        self._trackers[step] = meta.get("tracker")
-        if corrupt:
-            self._corrupt[step] = corrupt
-        else:
-            self._corrupt.pop(step, None)
 
-    def _forget(self, step: int) -> None:
-        self._infos.pop(step, None)
-        self._trackers.pop(step, None)
-        self._corrupt.pop(step, None)
+    def _recover(self) -> None:
+        """Writer only, at open: finish or discard interrupted saves."""
+        try:
+            storage.recover_commits(self._directory, codec.decode_sidecar, codec.checksum)
+            storage.remove_leftovers(self._directory)
+        except OSError as exc:
+            warnings.warn(f"ckptmgr: cannot clean up {self._directory}: {exc}", CheckpointWarning, stacklevel=3)
 
     def _refresh_if_reader(self) -> None:
         if self._read_only:
-            self._refresh(write_index=False)
+            self._refresh()
+            with self._mutex:
+                self._apply_retention(delete=False)
 
-    def _refresh(self, *, write_index: bool) -> None:
-        """(Re)build the records from the directory, reading only files the index lacks."""
+    def _refresh(self) -> None:
+        """(Re)build the records from the directory, reading only files the index lacks.
+
+        The writer also removes sidecars whose payload is gone (a deletion cut short)
+        and refreshes the index when it was stale.
+        """
         index = storage.load_index(self._directory)
         entries = list(storage.scan(self._directory))
         changed = len(entries) != len(index)
-        with self._mutex:
-            self._infos.clear()
-            self._trackers.clear()
-            self._corrupt.clear()
-            for entry in entries:
-                cached = index.get(entry.name)
-                if (
-                    isinstance(cached, dict)
-                    and cached.get("size") == entry.size
-                    and cached.get("mtime_ns") == entry.mtime_ns
-                    and isinstance(cached.get("meta"), dict)
-                ):
-                    self._add(entry.name, cached["meta"], cached.get("corrupt"))
-                    continue
+        records: dict[int, _Record] = {}
+        orphans: list[str] = []
+        for entry in entries:
+            cached = index.get(entry.name)
+            if (
+                isinstance(cached, dict)
+                and cached.get("size") == entry.size
+                and cached.get("mtime_ns") == entry.mtime_ns
+                and isinstance(cached.get("meta"), dict)
+                and type(cached["meta"].get("step")) is int
+            ):
+                meta, corrupt = cached["meta"], cached.get("corrupt")
+            else:
                 changed = True
-                path = self._directory / entry.name
                 try:
-                    manifest = codec.read_meta(path)
-                    if manifest.get("step") != entry.step:
-                        raise CorruptCheckpointError(
-                            f"{path}: holds step {manifest.get('step')!r}, its name says {entry.step}"
-                        )
-                    self._add(entry.name, _meta_subset(manifest))
+                    meta, corrupt = self._read_entry_meta(entry), None
                 except FileNotFoundError:
                     continue  # deleted since the listing
                 except (CorruptCheckpointError, OSError) as exc:
-                    self._add(entry.name, {"time": entry.mtime_ns / 1e9}, corrupt=_reason(exc))
-            self._apply_retention(delete=False)
-            if changed and write_index:
-                self._write_index(entries)
-
-    def _write_index(self, entries: list[storage.Entry] | None = None) -> None:
-        if entries is None:
-            entries = list(storage.scan(self._directory))
-        with self._mutex:
-            data = {}
-            for entry in entries:
-                info = self._infos.get(entry.step)
-                if info is None or info.path.name != entry.name:
+                    if entry.step is None:
+                        warnings.warn(f"ckptmgr: ignoring unreadable metadata {exc}", CheckpointWarning, stacklevel=4)
+                        continue
+                    meta = {"step": entry.step, "time": entry.mtime_ns / 1e9}
+                    corrupt = _reason(exc)
+            if entry.step is None:  # a payload's sidecar
+                name = meta.get("name")
+                if not isinstance(name, str) or storage.sidecar_name(name) != entry.name:
+                    orphans.append(entry.name)
                     continue
-                data[entry.name] = {
-                    "size": entry.size,
-                    "mtime_ns": entry.mtime_ns,
-                    "meta": {"step": info.step, "time": info.time, "metrics": dict(info.metrics),
-                             "nbytes": info.nbytes, "tracker": self._trackers.get(info.step)},
-                    "corrupt": self._corrupt.get(info.step),
-                }
+                try:
+                    if not storage.is_regular_file(self._directory / name):
+                        continue
+                except FileNotFoundError:
+                    orphans.append(entry.name)
+                    continue
+                record = _Record(self._info(name, meta), meta, corrupt, sidecar=entry.name)
+            else:
+                record = _Record(self._info(entry.name, meta), meta, corrupt)
+            previous = records.get(record.info.step)
+            if previous is None or previous.info.time <= record.info.time:
+                records[record.info.step] = record
+        with self._mutex:
+            self._records = records
+        if not self._read_only:
+            if orphans:
+                storage.remove_files(self._directory, orphans)
+            if changed:
+                self._write_index()
+
+    def _read_entry_meta(self, entry: storage.Entry) -> dict[str, Any]:
+        path = self._directory / entry.name
+        if entry.step is None:
+            return _meta_subset(codec.decode_sidecar(storage.read_small(path), str(path)))
+        manifest = codec.read_meta(path)
+        if manifest.get("step") != entry.step:
+            raise CorruptCheckpointError(f"{path}: holds step {manifest.get('step')!r}, its name says {entry.step}")
+        return _meta_subset(manifest)
+
+    def _write_index(self) -> None:
+        entries = list(storage.scan(self._directory))
+        with self._mutex:
+            by_file = {r.sidecar or r.info.path.name: r for r in self._records.values()}
+            data = {
+                e.name: {"size": e.size, "mtime_ns": e.mtime_ns, "meta": by_file[e.name].meta,
+                         "corrupt": by_file[e.name].corrupt}
+                for e in entries if e.name in by_file
+            }
         storage.save_index(self._directory, data)
 
     def _newest_tracker_state(self) -> Any:
         with self._mutex:
-            for step in sorted(self._infos, reverse=True):
-                if step not in self._corrupt and self._trackers.get(step) is not None:
-                    return self._trackers[step]
+            for step in sorted(self._records, reverse=True):
+                record = self._records[step]
+                if not record.corrupt and record.meta.get("tracker") is not None:
+                    return record.meta["tracker"]
         return None
 
     def _restore_tracker(self, state: Any) -> None:
-        if self._tracker is not None and state is not None:
-            if not self._tracker.load_state_dict(state):
-                warnings.warn(
-                    f"ckptmgr: the checkpoints in {self._directory} tracked "
-                    f"{state.get('monitor') if isinstance(state, dict) else state!r}/"
-                    f"{state.get('mode') if isinstance(state, dict) else ''}, not "
-                    f"{self._tracker.monitor}/{self._tracker.mode}; starting a new best",
-                    CheckpointWarning,
-                    stacklevel=3,
-                )
+        if self._tracker is not None and state is not None and not self._tracker.load_state_dict(state):
+            warnings.warn(
+                f"ckptmgr: the checkpoints in {self._directory} tracked "
+                f"{state.get('monitor') if isinstance(state, dict) else state!r}/"
+                f"{state.get('mode') if isinstance(state, dict) else ''}, not "
+                f"{self._tracker.monitor}/{self._tracker.mode}; starting a new best",
+                CheckpointWarning,
+                stacklevel=3,
+            )
 
     # --------------------------------------------------------------------- restoring
 
     def restore(self, which: Which = "latest", *, verify: bool = True) -> Any:
-        """Load a checkpoint's state tree.
+        """Load a checkpoint's state tree (or, for a payload checkpoint, its file's path).
 
         ``"latest"`` falls back to the newest checkpoint that verifies, warning
         (:class:`CheckpointWarning`) about each one it skips; ``"best"`` and a step
@@ -591,10 +662,11 @@ class CheckpointManager:
 
         Args:
             which: ``"latest"``, ``"best"`` or a step.
-            verify: check every array's checksum (recommended; the cost is small).
+            verify: check every checksum (recommended; the cost is small).
 
         Returns:
-            The state tree, equal to the one saved (types, dtypes, shapes, values).
+            The state tree, equal to the one saved (types, dtypes, shapes, values); for
+            a :class:`FilePayload` checkpoint, the ``pathlib.Path`` of its file.
 
         Raises:
             CheckpointNotFoundError: no checkpoint at all, no best, or no such step.
@@ -615,6 +687,8 @@ class CheckpointManager:
         try:
             return self._restore("latest", True)[0]
         except CheckpointNotFoundError:
+            if self.checkpoints:
+                raise
             return init()
 
     def verify(self, which: Which = "latest") -> CheckpointInfo:
@@ -623,11 +697,11 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError, CorruptCheckpointError, CheckpointIOError.
         """
-        info = self._resolve(which)
-        self._read(info, lambda path: (None, codec.verify_file(path)))
-        return info
+        record = self._resolve(which)
+        self._load(record, verify=True, tree=False)
+        return record.info
 
-    def _resolve(self, which: Which) -> CheckpointInfo:
+    def _resolve(self, which: Which) -> _Record:
         self._refresh_if_reader()
         with self._mutex:
             if which == "best":
@@ -637,69 +711,76 @@ class CheckpointManager:
                         f"No best checkpoint in {self._directory}"
                         + ("" if self._tracker else " (the manager has no monitor=)")
                     )
-                return best
+                return self._records[best.step]
             if which == "latest":
-                if not self._infos:
+                if not self._records:
                     raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
-                return self._infos[max(self._infos)]
+                return self._records[max(self._records)]
             if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-                info = self._infos.get(int(which))
-                if info is None:
+                record = self._records.get(int(which))
+                if record is None:
                     raise CheckpointNotFoundError(
                         f"No checkpoint of step {int(which)} in {self._directory} "
-                        f"(steps: {_steps_text(sorted(self._infos))})"
+                        f"(steps: {_steps_text(sorted(self._records))})"
                     )
-                return info
+                return record
         raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
 
-    def _read(self, info: CheckpointInfo, reader: Callable[[Path], tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
-        path = info.path
-        reason = self._corrupt.get(info.step)
-        if reason is not None:
-            raise CorruptCheckpointError(f"{path}: {reason}")
+    def _load(self, record: _Record, *, verify: bool, tree: bool = True) -> Any:
+        """Read (and verify) one checkpoint: its tree, or a payload's path."""
+        path = record.info.path
+        if record.corrupt is not None:
+            raise CorruptCheckpointError(f"{path}: {record.corrupt}")
         try:
             if not storage.is_regular_file(path):
                 raise CorruptCheckpointError(f"{path}: not a regular file, refused")
-            tree, manifest = reader(path)
+            if record.sidecar is not None:
+                if verify:
+                    size, crc = storage.file_checksum(path, codec.checksum)
+                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")):
+                        raise CorruptCheckpointError(
+                            f"{path}: checksum mismatch (size {size}, expected {record.meta.get('size')})"
+                        )
+                return path
+            if not tree:
+                manifest = codec.verify_file(path)
+                value = None
+            else:
+                value, manifest = codec.read_file(path, verify=verify)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
         except CorruptCheckpointError:
             raise
         except OSError as exc:
             raise storage.io_error("Cannot read checkpoint", path, exc) from exc
-        if manifest.get("step") != info.step:
+        if manifest.get("step") != record.info.step:
             raise CorruptCheckpointError(
-                f"{path}: holds step {manifest.get('step')!r}, its name says {info.step}"
+                f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}"
             )
-        return tree, manifest
+        return value
 
     def _restore(self, which: Which, verify: bool) -> tuple[Any, CheckpointInfo]:
-        def reader(path: Path) -> tuple[Any, dict[str, Any]]:
-            return codec.read_file(path, verify=verify)
-
         if which != "latest":
-            info = self._resolve(which)
-            tree, manifest = self._read(info, reader)
-            self._after_restore(manifest)
-            return tree, info
+            record = self._resolve(which)
+            value = self._load(record, verify=verify)
+            self._after_restore(record)
+            return value, record.info
         failures: list[str] = []
         for _attempt in range(_READ_RETRIES):
             self._refresh_if_reader()
             with self._mutex:
-                candidates = [self._infos[s] for s in sorted(self._infos, reverse=True)]
-            if not candidates:
-                break
+                candidates = [self._records[s] for s in sorted(self._records, reverse=True)]
             raced = False
-            for info in candidates:
+            for record in candidates:
                 try:
-                    tree, manifest = self._read(info, reader)
+                    value = self._load(record, verify=verify)
                 except CheckpointNotFoundError:
                     # Deleted under us (a reader racing the writer's retention, or a
                     # user's rm): list again, a newer checkpoint replaced it.
                     raced = True
-                    with self._mutex:
-                        if not self._read_only:
-                            self._forget(info.step)
+                    if not self._read_only:
+                        with self._mutex:
+                            self._records.pop(record.info.step, None)
                     break
                 except CorruptCheckpointError as exc:
                     failures.append(str(exc))
@@ -709,8 +790,8 @@ class CheckpointManager:
                         stacklevel=3,
                     )
                     continue
-                self._after_restore(manifest)
-                return tree, info
+                self._after_restore(record)
+                return value, record.info
             if not raced:
                 break
         if failures:
@@ -720,10 +801,10 @@ class CheckpointManager:
             )
         raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
 
-    def _after_restore(self, manifest: Mapping[str, Any]) -> None:
+    def _after_restore(self, record: _Record) -> None:
         # Resuming from a checkpoint resumes its metric history too.
-        if not self._read_only and self._tracker is not None and manifest.get("tracker") is not None:
-            self._restore_tracker(manifest["tracker"])
+        if not self._read_only and record.meta.get("tracker") is not None:
+            self._restore_tracker(record.meta["tracker"])
 
 
 # ------------------------------------------------------------------------- helpers

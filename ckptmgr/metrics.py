@@ -58,8 +58,10 @@ def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
     Raises:
         ValueError: ``mode`` is not one of "auto", "min", "max", or cannot be inferred.
     """
-    if mode == "min" or mode == "max":
-        return mode
+    if mode == "min":
+        return "min"
+    if mode == "max":
+        return "max"
     if mode != "auto":
         raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={mode!r}")
     return infer_mode(monitor)

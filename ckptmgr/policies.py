@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .info import CheckpointInfo
 from .metrics import Mode, is_finite_number, resolve_mode
@@ -76,11 +76,11 @@ class SavePolicy(Protocol):
 class _SaveOps:
     def __or__(self, other: SavePolicy) -> AnyOf:
         _check_save_policy(other, "|")
-        return AnyOf((*_flatten(self, AnyOf), *_flatten(other, AnyOf)))  # type: ignore[arg-type]
+        return AnyOf((*_flatten(self, AnyOf), *_flatten(other, AnyOf)))
 
     def __and__(self, other: SavePolicy) -> AllOf:
         _check_save_policy(other, "&")
-        return AllOf((*_flatten(self, AllOf), *_flatten(other, AllOf)))  # type: ignore[arg-type]
+        return AllOf((*_flatten(self, AllOf), *_flatten(other, AllOf)))
 
 
 def _check_save_policy(other: object, op: str) -> None:
@@ -88,8 +88,8 @@ def _check_save_policy(other: object, op: str) -> None:
         raise TypeError(f"Expected a save policy on both sides of {op!r}. Received: {other!r}")
 
 
-def _flatten(policy: object, kind: type) -> tuple[SavePolicy, ...]:
-    return tuple(policy.policies) if isinstance(policy, kind) else (policy,)  # type: ignore[attr-defined]
+def _flatten(policy: Any, kind: type) -> tuple[Any, ...]:
+    return tuple(getattr(policy, "policies", ())) if isinstance(policy, kind) else (policy,)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -235,7 +235,7 @@ class _KeepOps:
     def __or__(self, other: RetentionPolicy) -> AnyRetention:
         if not isinstance(other, RetentionPolicy):
             raise TypeError(f"Expected a retention policy on both sides of '|'. Received: {other!r}")
-        return AnyRetention((*_flatten(self, AnyRetention), *_flatten(other, AnyRetention)))  # type: ignore[arg-type]
+        return AnyRetention((*_flatten(self, AnyRetention), *_flatten(other, AnyRetention)))
 
 
 def best_order(
@@ -356,7 +356,7 @@ class KeepEvery(_KeepOps):
         if self.steps is not None:
             interval: float = self.steps
             reason = f"every {self.steps} steps"
-            bucket_of = lambda c: c.step // self.steps  # noqa: E731
+            bucket_of: Callable[[CheckpointInfo], int] = lambda c: c.step // self.steps  # type: ignore[operator]  # noqa: E731
         else:
             interval = float(self.seconds)  # type: ignore[arg-type]
             reason = f"every {_seconds_text(interval)}"

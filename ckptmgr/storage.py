@@ -4,7 +4,11 @@ Directory layout::
 
     runs/exp1/
       ckpt-000001000.h5        committed checkpoints (step zero-padded to 9+ digits)
-      .ckpt-<random>.tmp       a save in progress; removed by the next writer that opens
+      model-03-0.31.keras      a payload checkpoint: a framework-native file ...
+      .ckptmgr-<hash>.json     ... and its metadata (step, metrics, size, checksum);
+                               <hash> is derived from the payload's file name
+      .ckpt-<random>.tmp[-NAME] a save in progress; removed by the next writer that opens
+      .ckpt-<random>.commit    a payload commit in progress (see below)
       .ckptmgr.lock            the writer lock (filelock; released by the OS on death)
       .ckptmgr-index.json      a cache of the checkpoints' metadata; rebuilt when stale
       anything else            not ours: ignored, never deleted
@@ -12,11 +16,19 @@ Directory layout::
 Commit protocol (invariant 1): write to ``.ckpt-<random>.tmp`` in the same directory,
 flush and fsync it, rename it to its final name, fsync the directory. A crash before
 the rename leaves only a temporary file; after it, a complete, durable checkpoint.
+
+A payload's file and its metadata are two files, and the payload may replace an
+earlier file of the same name, so its commit has two phases: write the payload to a
+temporary name and fsync it; write its metadata as ``.ckpt-<random>.commit`` and fsync
+it; rename the payload; rename the commit record over the sidecar; fsync the directory.
+The next writer that opens finishes an interrupted commit whose payload is in place and
+matches the record's checksum, and discards one whose payload is not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -37,7 +49,11 @@ LOCK_NAME = ".ckptmgr.lock"
 INDEX_NAME = ".ckptmgr-index.json"
 INDEX_VERSION = 1
 _CKPT_RE = re.compile(r"ckpt-(\d{9,20})\.h5")
-_TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp")
+_TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp(-.+)?", re.DOTALL)
+_COMMIT_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.commit")
+_SIDECAR_RE = re.compile(r"\.ckptmgr-[0-9a-f]{16}\.json")
+MAX_PAYLOAD_NAME = 200
+_CHUNK = 8 * 1024 * 1024
 
 
 def checkpoint_name(step: int) -> str:
@@ -54,6 +70,35 @@ def parse_name(name: str) -> int | None:
     # Only the canonical spelling: "ckpt-0000000001.h5" and "ckpt-000000001.h5" would
     # otherwise both claim step 1.
     return step if checkpoint_name(step) == name else None
+
+
+def sidecar_name(payload_name: str) -> str:
+    """The metadata file name of a payload checkpoint named ``payload_name``."""
+    digest = hashlib.sha256(payload_name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f".ckptmgr-{digest[:16]}.json"
+
+
+def check_payload_name(name: object) -> str:
+    """Validate the file name of a payload checkpoint.
+
+    Raises:
+        ValueError: not a plain, visible file name of at most 200 characters, or one
+            that a native checkpoint uses.
+    """
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= MAX_PAYLOAD_NAME
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or parse_name(name) is not None
+        or _CKPT_RE.fullmatch(name) is not None
+    ):
+        raise ValueError(
+            "Expected a payload name that is a plain file name (no '/', no NUL, not "
+            f"starting with '.', at most {MAX_PAYLOAD_NAME} characters, not ckpt-<step>.h5). "
+            f"Received: name={name!r}"
+        )
+    return name
 
 
 def io_error(action: str, path: str | os.PathLike[str], exc: OSError) -> CheckpointIOError:
@@ -154,6 +199,122 @@ def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -
     return result
 
 
+def file_checksum(path: Path, checksum: Callable[[bytes, int], int]) -> tuple[int, int]:
+    """``(size, checksum)`` of a file, read in chunks (bounded memory)."""
+    size, value = 0, 0
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_CHUNK):
+            size += len(chunk)
+            value = checksum(chunk, value)
+    return size, value
+
+
+def write_payload(directory: Path, name: str, write: Callable[[Path], object]) -> Path:
+    """Run ``write(tmp)`` for a payload named ``name``; return the temporary file.
+
+    The temporary name ends with ``-NAME`` so writers that check the suffix (Keras'
+    ``.keras``, ``.weights.h5``) accept it.
+
+    Raises:
+        CheckpointIOError: an OS error (the temporary file is removed).
+        CheckpointError: ``write`` did not create a regular file at the path given.
+    """
+    from .errors import CheckpointError
+
+    tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp-{name}"
+    final = directory / name
+    try:
+        write(tmp)
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):
+            raise CheckpointError(f"The writer of {final} did not create a regular file at {tmp}")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"The writer of {final} did not create a file at {tmp}") from exc
+    except BaseException as exc:
+        _discard(tmp)
+        if isinstance(exc, OSError):
+            raise io_error("Cannot write checkpoint", final, exc) from exc
+        raise
+    return tmp
+
+
+def commit_payload(
+    directory: Path, tmp: Path, name: str, record: Callable[[int, int], bytes],
+    checksum: Callable[[bytes, int], int],
+) -> tuple[int, int]:
+    """Commit a payload written by :func:`write_payload` as ``directory/name``.
+
+    ``record(size, crc)`` returns the metadata to store in the payload's sidecar.
+    Returns ``(size, crc)`` of the payload.
+
+    Raises:
+        CheckpointIOError: an OS error; nothing committed earlier is touched, except
+            when the payload was renamed and the sidecar could not be: then the commit
+            record stays and the next writer finishes the commit.
+    """
+    final = directory / name
+    commit = directory / f".ckpt-{secrets.token_hex(8)}.commit"
+    try:
+        fsync_file(tmp)
+        size, crc = file_checksum(tmp, checksum)
+        fd = os.open(commit, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            os.write(fd, record(size, crc))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        _discard(tmp)
+        _discard(commit)
+        if isinstance(exc, OSError):
+            raise io_error("Cannot write checkpoint", final, exc) from exc
+        raise
+    try:
+        os.replace(commit, directory / sidecar_name(name))
+        fsync_directory(directory)
+    except OSError as exc:
+        raise io_error("Cannot commit checkpoint", final, exc) from exc
+    return size, crc
+
+
+def recover_commits(
+    directory: Path, parse: Callable[[bytes], dict[str, Any]], checksum: Callable[[bytes, int], int]
+) -> list[str]:
+    """Finish or discard interrupted payload commits; return the payload names finished.
+
+    ``parse`` decodes a commit record (raising ValueError when it is damaged). Only
+    call while holding the writer lock.
+    """
+    finished = []
+    with os.scandir(directory) as it:
+        commits = [e.name for e in it if _COMMIT_RE.fullmatch(e.name)]
+    for commit_name in commits:
+        commit = directory / commit_name
+        try:
+            with open(commit, "rb") as fh:
+                meta = parse(fh.read(1024 * 1024))
+            name = check_payload_name(meta["name"])
+            payload = directory / name
+            if stat.S_ISREG(os.lstat(payload).st_mode) and file_checksum(payload, checksum) == (
+                meta["size"], meta["crc32"],
+            ):
+                os.replace(commit, directory / sidecar_name(name))
+                finished.append(name)
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        _discard(commit)
+    if commits:
+        with contextlib.suppress(OSError):
+            fsync_directory(directory)
+    return finished
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def remove_files(directory: Path, names: Iterable[str]) -> dict[str, OSError]:
     """Delete ``names`` in ``directory``, fsync it once; return the failures by name."""
     failures: dict[str, OSError] = {}
@@ -190,19 +351,20 @@ def remove_leftovers(directory: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Entry:
-    """A checkpoint file seen by :func:`scan`."""
+    """A file seen by :func:`scan`: a native checkpoint (``step`` from its name) or a
+    payload's sidecar (``step`` None: it is in the sidecar)."""
 
-    step: int
+    step: int | None
     name: str
     size: int
     mtime_ns: int
 
 
 def scan(directory: Path) -> Iterator[Entry]:
-    """The checkpoint files of ``directory``: regular files with our name pattern.
+    """The checkpoint files and payload sidecars of ``directory``.
 
-    Symbolic links and anything else with a checkpoint's name are skipped: reading
-    through them could read outside the directory.
+    Only regular files with our name patterns; symbolic links and anything else are
+    skipped: reading through them could read outside the directory.
 
     Raises:
         CheckpointIOError: the directory cannot be listed.
@@ -214,7 +376,7 @@ def scan(directory: Path) -> Iterator[Entry]:
         raise io_error("Cannot list checkpoint directory", directory, exc) from exc
     for entry in entries:
         step = parse_name(entry.name)
-        if step is None:
+        if step is None and not _SIDECAR_RE.fullmatch(entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -224,6 +386,13 @@ def scan(directory: Path) -> Iterator[Entry]:
             continue
         if stat.S_ISREG(st.st_mode):
             yield Entry(step, entry.name, st.st_size, st.st_mtime_ns)
+
+
+def read_small(path: Path, limit: int = 1024 * 1024) -> bytes:
+    """The content of a small regular file (not following a symlink), at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(limit)
 
 
 def is_regular_file(path: Path) -> bool:
