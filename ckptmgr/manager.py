@@ -72,6 +72,7 @@ class _Record:
     meta: dict[str, Any]
     corrupt: str | None = None
     sidecar: str | None = None  # payload checkpoints: the metadata file's name
+    recorded_reasons: tuple[str, ...] = ()  # what the writer's index said, for readers
 
     @property
     def files(self) -> list[str]:
@@ -483,6 +484,11 @@ class CheckpointManager:
         infos = [self._records[s].info for s in sorted(self._records)]
         if not infos:
             return
+        if self._keep is None and self._read_only and any(r.recorded_reasons for r in self._records.values()):
+            # A reader does not know the writer's policies: show what the writer said.
+            for record in self._records.values():
+                record.info = record.info.with_reasons(record.recorded_reasons)
+            return
         if self._keep is None:
             kept: dict[int, list[str]] = {c.step: ["keep all"] for c in infos}
         else:
@@ -575,8 +581,11 @@ class CheckpointManager:
                 and type(cached["meta"].get("step")) is int
             ):
                 meta, corrupt = cached["meta"], cached.get("corrupt")
+                reasons = cached.get("reasons")
+                recorded = tuple(r for r in reasons if isinstance(r, str)) if isinstance(reasons, list) else ()
             else:
                 changed = True
+                recorded = ()
                 try:
                     meta, corrupt = self._read_entry_meta(entry), None
                 except FileNotFoundError:
@@ -598,9 +607,9 @@ class CheckpointManager:
                 except FileNotFoundError:
                     orphans.append(entry.name)
                     continue
-                record = _Record(self._info(name, meta), meta, corrupt, sidecar=entry.name)
+                record = _Record(self._info(name, meta), meta, corrupt, entry.name, recorded)
             else:
-                record = _Record(self._info(entry.name, meta), meta, corrupt)
+                record = _Record(self._info(entry.name, meta), meta, corrupt, None, recorded)
             previous = records.get(record.info.step)
             if previous is None or previous.info.time <= record.info.time:
                 records[record.info.step] = record
@@ -627,7 +636,8 @@ class CheckpointManager:
             by_file = {r.sidecar or r.info.path.name: r for r in self._records.values()}
             data = {
                 e.name: {"size": e.size, "mtime_ns": e.mtime_ns, "meta": by_file[e.name].meta,
-                         "corrupt": by_file[e.name].corrupt}
+                         "corrupt": by_file[e.name].corrupt,
+                         "reasons": list(by_file[e.name].info.keep_reasons)}
                 for e in entries if e.name in by_file
             }
         storage.save_index(self._directory, data)
