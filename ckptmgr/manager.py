@@ -522,8 +522,8 @@ class CheckpointManager:
             else:
                 del self._records[step]
         for step, reasons in kept.items():
-            if step in self._records:
-                record = self._records[step]
+            record = self._records.get(step)
+            if record is not None and record.info.keep_reasons != tuple(reasons):
                 record.info = record.info.with_reasons(tuple(reasons))
 
     def _delete_files(self, names: list[str]) -> dict[str, OSError]:
