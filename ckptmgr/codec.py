@@ -37,6 +37,7 @@ what the file actually stores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -264,7 +265,23 @@ def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]
     """
     spec, leaves = encode_tree(tree)
     total = 0
-    with h5py.File(path, "w", locking=False) as f:
+    sink = _WriteSink(path)
+    try:
+        total = _write_h5(sink, spec, leaves, meta)
+    except Exception:
+        # HDF5 tripping over a write that was dropped is the recorded error's doing.
+        if sink.error is None:
+            raise
+    finally:
+        sink.close()
+    if sink.error is not None:
+        raise sink.error
+    return total
+
+
+def _write_h5(sink: _WriteSink, spec: dict[str, Any], leaves: list[_Leaf], meta: Mapping[str, Any]) -> int:
+    total = 0
+    with h5py.File(sink, "w", locking=False) as f:
         for leaf in leaves:
             node = leaf.node
             h5path = node.pop("_h5path")
@@ -282,6 +299,78 @@ def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]
         f.attrs["ckptmgr_format"] = FORMAT_VERSION
         f.attrs["ckptmgr_manifest_crc32"] = np.uint32(checksum(blob))
     return total
+
+
+class _WriteSink:
+    """The file HDF5 writes a checkpoint through (h5py's ``fileobj`` driver).
+
+    An OS error (disk full, I/O error) is recorded instead of raised, and later writes
+    are dropped: HDF5 does not recover from a failed write (the file stays open inside
+    the library, freeing its objects raises again, and a later file operation can
+    crash the process), so it must never see one. :func:`write_file` raises the
+    recorded error once HDF5 has closed the file; the file is garbage by then and the
+    caller deletes it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        # Exclusive: never overwrite what is there. Closed by close().
+        self._fh = open(path, "x+b")  # noqa: SIM115
+        self.error: OSError | None = None
+
+    def _guard(self, action: Callable[[], Any], default: Any) -> Any:
+        if self.error is None:
+            try:
+                return action()
+            except OSError as exc:
+                self.error = exc
+        return default
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._fh.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fh.read(size)
+
+    def write(self, buffer: Any) -> int:
+        nbytes = memoryview(buffer).nbytes
+        return int(self._guard(lambda: self._fh.write(buffer), nbytes))
+
+    def truncate(self, size: int | None = None) -> int:
+        return int(self._guard(lambda: self._fh.truncate(size), size or 0))
+
+    def flush(self) -> None:
+        self._guard(self._fh.flush, None)
+
+    def close(self) -> None:
+        self._guard(self._fh.close, None)
+        self._fh.close()
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """Turn what h5py raises on a damaged file into CorruptCheckpointError.
+
+    h5py reports damaged metadata (a flipped bit in a B-tree, an object header, a
+    datatype message) as KeyError, RuntimeError, TypeError or ValueError, and as an
+    OSError without an errno; callers must be able to tell "corrupt, fall back" from
+    "the OS failed", so only OSErrors with an errno pass through.
+    """
+    try:
+        yield
+    except CorruptCheckpointError:
+        raise
+    except (KeyError, RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
+    except OSError as exc:
+        if exc.errno:
+            raise
+        raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
 
 
 def _create_empty_groups(f: h5py.File, spec: dict[str, Any], h5path: str) -> None:
@@ -368,7 +457,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         OSError: the file could not be read.
     """
     where = os.fspath(path)
-    with _open(path) as f:
+    with _reading(where), _open(path) as f:
         return _read_manifest(f, where)
 
 
@@ -515,7 +604,7 @@ def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tre
         OSError: the file could not be read.
     """
     where = os.fspath(path)
-    with _open(path) as f:
+    with _reading(where), _open(path) as f:
         manifest = _read_manifest(f, where)
         spec = manifest.get("tree")
         # Validate the whole description before allocating anything.
@@ -549,7 +638,7 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError, CorruptCheckpointError, OSError: as :func:`read_file`.
     """
     where = os.fspath(path)
-    with _open(path) as f:
+    with _reading(where), _open(path) as f:
         manifest = _read_manifest(f, where)
         for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
             _read_leaf(f, node, h5path, where, verify=True)
