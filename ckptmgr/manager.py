@@ -522,9 +522,9 @@ class CheckpointManager:
             else:
                 del self._records[step]
         for step, reasons in kept.items():
-            record = self._records.get(step)
-            if record is not None and record.info.keep_reasons != tuple(reasons):
-                record.info = record.info.with_reasons(tuple(reasons))
+            kept_record = self._records.get(step)
+            if kept_record is not None and kept_record.info.keep_reasons != tuple(reasons):
+                kept_record.info = kept_record.info.with_reasons(tuple(reasons))
 
     def _delete_files(self, names: list[str]) -> dict[str, OSError]:
         failures = storage.remove_files(self._directory, names)
