@@ -4,7 +4,7 @@ Usage::
 
     ckptmgr ls DIR [--json]
     ckptmgr show DIR [STEP|latest|best] [--json]
-    ckptmgr verify DIR [STEP|latest|best ...] [--progress | --no-progress] [--json]
+    ckptmgr verify DIR [STEP|latest|best ...] [--progress | --no-progress] [-q] [--json]
     ckptmgr prune DIR [--keep-last N] [--keep-best K] [--keep-every-steps S] [--dry-run] [--json]
     ckptmgr diff DIR A B [--all] [--json]
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -113,24 +114,38 @@ def _human_bytes(n: int | None) -> str:
 
 
 def _number(value: object) -> str:
-    """A metric or statistic, compactly: ``0.3125``, ``1.234e-07``, ``nan``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    """A metric or statistic, compactly.
+
+    >>> _number(0.3125), _number(1.234e-7), _number(float("nan")), _number(123456789), _number(None)
+    ('0.3125', '1.234e-07', 'nan', '123456789', 'None')
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return str(value)
-    return format(float(value), ".6g")
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), ".6g")
+    return str(value)
+
+
+def _local_datetime(posix: float) -> datetime.datetime | None:
+    """A checkpoint's time in the local time zone; None when unknown (0) or absurd."""
+    if not posix or not math.isfinite(posix):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(posix).astimezone()
+    except (OverflowError, OSError, ValueError):  # metadata from a damaged or hostile file
+        return None
 
 
 def _local_time(posix: float) -> str:
-    """``2025-01-31 14:05:09`` in the local time zone; ``-`` when unknown (0)."""
-    if not posix or not math.isfinite(posix):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(posix))
+    """``2025-01-31 14:05:09`` in the local time zone; ``-`` when unknown."""
+    moment = _local_datetime(posix)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
 def _iso_time(posix: float) -> str | None:
-    """ISO 8601 with the local UTC offset, for --json; None when unknown."""
-    if not posix or not math.isfinite(posix):
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(posix))
+    """ISO 8601 with the local UTC offset (``2025-01-31T14:05:09+01:00``); None when unknown."""
+    moment = _local_datetime(posix)
+    return moment.isoformat(timespec="seconds") if moment else None
 
 
 def _metrics_text(metrics: Mapping[str, object]) -> str:
@@ -979,13 +994,25 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _show_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int,
-    file: TextIO | None = None, line: str | None = None,
-) -> None:
-    """Warnings as one line each, without the source location."""
-    text = _one_line(str(message)).removeprefix("ckptmgr: ")
-    print(f"ckptmgr: warning: {text}", file=sys.stderr)
+class _WarningPrinter:
+    """Prints warnings as one line each (``ckptmgr: warning: ...``), each message once.
+
+    A read-only manager re-lists the directory on every query, so the same problem
+    (an unreadable sidecar, say) would otherwise be reported again and again.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(
+        self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+        file: TextIO | None = None, line: str | None = None,
+    ) -> None:
+        """The ``warnings.showwarning`` hook."""
+        text = _one_line(str(message)).removeprefix("ckptmgr: ")
+        if text not in self._seen:
+            self._seen.add(text)
+            print(f"ckptmgr: warning: {text}", file=sys.stderr)
 
 
 def _error(message: str) -> None:
@@ -1011,8 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = _show_warning
+        warnings.simplefilter("always")
+        warnings.showwarning = _WarningPrinter()
         try:
             return int(args.func(args))
         except CliError as exc:

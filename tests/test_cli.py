@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_ls_json(run_dir: Path) -> None:
         assert c["kind"] == "native" and c["corrupt"] is None
         assert c["latest"] == (c["step"] == STEPS[-1]) and c["best"] == (c["step"] == BEST)
         assert "keep all" in c["keep_reasons"]
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", c["time_local"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", c["time_local"])
 
 
 def test_ls_of_an_empty_managed_directory(tmp_path: Path) -> None:
@@ -206,6 +207,26 @@ def test_verify_progress_on_stderr_when_asked(run_dir: Path) -> None:
     assert [line.split()[:2] for line in result.stdout.splitlines()[:-1]] == [["ok", "100"], ["ok", "300"]]
     assert "[1/2]" in result.stderr and "[2/2]" in result.stderr
     assert run("verify", run_dir, "--no-progress").stderr == ""
+
+
+def test_verify_progress_by_default_on_a_terminal(run_dir: Path) -> None:
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([*CLI, "verify", str(run_dir)], stdout=subprocess.PIPE, stderr=terminal,
+                                text=True, timeout=60)
+    finally:
+        os.close(terminal)
+    progress = b""
+    try:
+        while chunk := os.read(controller, 65536):
+            progress += chunk
+    except OSError:  # EIO: the terminal's other end is closed and everything was read
+        pass
+    finally:
+        os.close(controller)
+    assert result.returncode == 0
+    assert b"\r" in progress and b"[5/5] ckpt-000000500.h5" in progress  # one line, redrawn
+    assert "[1/5]" not in result.stdout
 
 
 # ------------------------------------------------------------------------------- prune
@@ -290,7 +311,10 @@ def test_prune_removes_a_payload_with_its_metadata(tmp_path: Path) -> None:
                 path.write_bytes(bytes([step]) * 1000)
 
             mgr.save(step, ckptmgr.FilePayload(f"model-{step}.keras", write), metrics={"val_loss": loss})
-    sidecars = lambda: sorted(p.name for p in directory.glob(".ckptmgr-*.json") if p.name != ".ckptmgr-index.json")  # noqa: E731
+
+    def sidecars() -> list[str]:
+        return sorted(p.name for p in directory.glob(".ckptmgr-*.json") if p.name != ".ckptmgr-index.json")
+
     assert len(sidecars()) == 3
     assert run("verify", directory).returncode == 0
     shown = run_json("show", directory, 2)
