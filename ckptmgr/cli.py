@@ -48,6 +48,7 @@ from . import __version__, codec, storage
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CorruptCheckpointError,
     DirectoryLockedError,
 )
@@ -735,7 +736,7 @@ class _Leaf:
 
     value: Any
     kind: str
-    array: np.ndarray[Any, Any] | None  # None: not an array of numbers (str, bytes, None)
+    array: np.ndarray[Any, Any] | None  # None for str, bytes, None and ints beyond int64
 
     @property
     def text(self) -> str:
@@ -800,12 +801,18 @@ def _norm(x: np.ndarray[Any, Any]) -> float:
         return float(np.linalg.norm(x.reshape(-1)))
 
 
+def _entry(path: KeyPath, a: str | None, b: str | None, status: str | None = None) -> dict[str, Any]:
+    """A diff entry with every field (``None`` where a statistic does not apply)."""
+    return {
+        "key": _key_text(path), "path": list(path), "status": status, "a": a, "b": b,
+        "dtype_changed": None, "shape_changed": None, "max_abs_diff": None,
+        "norm_a": None, "norm_b": None, "norm_diff": None, "changed_elements": None, "elements": None,
+    }
+
+
 def _compare(path: KeyPath, a: _Leaf | None, b: _Leaf | None) -> dict[str, Any]:
     """One diff entry: status (changed/unchanged/added/removed) and the statistics that apply."""
-    entry: dict[str, Any] = {
-        "key": _key_text(path), "path": list(path),
-        "a": a.text if a else None, "b": b.text if b else None,
-    }
+    entry = _entry(path, a.text if a else None, b.text if b else None)
     if a is None or b is None:
         present = a or b
         assert present is not None
@@ -816,7 +823,13 @@ def _compare(path: KeyPath, a: _Leaf | None, b: _Leaf | None) -> dict[str, Any]:
     x = _as_numbers(a.array) if a.array is not None else None
     y = _as_numbers(b.array) if b.array is not None else None
     if a.array is None or b.array is None or x is None or y is None:
-        same_value = a.kind == b.kind and type(a.value) is type(b.value) and bool(a.value == b.value)
+        if a.kind != b.kind:
+            same_value = False
+        elif a.array is not None and b.array is not None:  # arrays of a dtype with no float view
+            same_value = (a.array.dtype, a.array.shape, a.array.tobytes()) == (
+                b.array.dtype, b.array.shape, b.array.tobytes())
+        else:  # str, bytes, None, big int
+            same_value = type(a.value) is type(b.value) and a.value == b.value
         entry["status"] = "unchanged" if same_value else "changed"
         return entry
     entry["dtype_changed"] = a.array.dtype != b.array.dtype
@@ -866,7 +879,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for path, kind in containers_a.items():
         other = containers_b.get(path)
         if other is not None and other != kind:
-            entries.append({"key": _key_text(path), "path": list(path), "status": "changed", "a": kind, "b": other})
+            entries.append(_entry(path, kind, other, "changed"))  # e.g. a list became a tuple
     counts = {s: sum(e["status"] == s for e in entries) for s in ("changed", "added", "removed", "unchanged")}
     metric_names = list({**info_a.metrics, **info_b.metrics})
     if args.json:
@@ -892,7 +905,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         rows = [
             [e["status"], e["key"], e["a"] or "-", e["b"] or "-", stat(e, "max_abs_diff"),
              stat(e, "norm_a"), stat(e, "norm_b"), stat(e, "norm_diff"),
-             f"{e['changed_elements']}/{e['elements']}" if "elements" in e else "-"]
+             f"{e['changed_elements']}/{e['elements']}" if e.get("elements") is not None else "-"]
             for e in shown
         ]
         headers = ["STATUS", "KEY", "A", "B", "MAX|B-A|", "L2(A)", "L2(B)", "L2(B-A)", "CHANGED"]
@@ -1038,10 +1051,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", CheckpointWarning)  # deduplicated by the printer
         warnings.showwarning = _WarningPrinter()
         try:
-            return int(args.func(args))
+            status = int(args.func(args))
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+            return status
         except CliError as exc:
             _error(str(exc))
             return exc.status
