@@ -89,12 +89,22 @@ def _ml_dtypes() -> Any:
     return ml_dtypes
 
 
+def _is_numpy_native(dtype: np.dtype[Any]) -> bool:
+    """A NumPy int/uint/float/complex/bool dtype, which HDF5 stores as itself.
+
+    The kind alone does not tell: ml_dtypes' float8_e5m2 has kind "f" (and the string
+    "<f1", which NumPy cannot parse back), yet HDF5 knows nothing of it.
+    """
+    return (dtype.kind in _NATIVE_KINDS and dtype.fields is None and dtype.shape == ()
+            and dtype.type.__module__ == "numpy")
+
+
 def _dtype_to_str(dtype: np.dtype[Any]) -> str | None:
     """The manifest name of a supported dtype, or None if the dtype is not supported."""
-    if dtype.kind in _NATIVE_KINDS and dtype.fields is None and dtype.shape == ():
+    if _is_numpy_native(dtype):
         return str(dtype.str)
     mld = _ml_dtypes()
-    if mld is not None and dtype.kind == "V" and dtype.fields is None:
+    if mld is not None and dtype.kind in "Vf" and dtype.fields is None:
         name = dtype.name
         if isinstance(getattr(mld, name, None), type) and np.dtype(getattr(mld, name)) == dtype:
             return str(name)
@@ -127,7 +137,7 @@ def _dtype_from_str(text: object, where: str) -> np.dtype[Any]:
 
 
 def _is_raw(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind not in _NATIVE_KINDS
+    return not _is_numpy_native(dtype)
 
 
 # ------------------------------------------------------------------------ encoding

@@ -1,0 +1,408 @@
+"""State trees round-trip exactly through a checkpoint; unsupported values are refused.
+
+Round trips go through the real CheckpointManager (save -> HDF5 file -> restore) as
+well as the codec; damaged files only ever raise CorruptCheckpointError.
+"""
+
+from __future__ import annotations
+
+import collections
+import decimal
+import enum
+import fractions
+import json
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_tree_equal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import ckptmgr
+from ckptmgr import codec
+
+# ------------------------------------------------------------------------ strategies
+
+INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+FLOAT_DTYPES = [np.float16, np.float32, np.float64, np.longdouble]
+COMPLEX_DTYPES = [np.complex64, np.complex128]
+NATIVE_DTYPES = [np.dtype(t) for t in (*INT_DTYPES, *FLOAT_DTYPES, *COMPLEX_DTYPES, np.bool_)]
+BIG_ENDIAN = [np.dtype(t).newbyteorder(">") for t in (np.int16, np.int32, np.uint64, np.float32, np.float64,
+                                                     np.complex128)]
+ML_DTYPES = [np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)]
+
+shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
+
+
+def _non_contiguous(array: np.ndarray[Any, Any], how: int) -> np.ndarray[Any, Any]:
+    if array.ndim == 0:
+        return array
+    if how == 0:
+        return array[::-1]
+    if how == 1:
+        return array.T
+    # A strided view into a bigger buffer.
+    return np.repeat(array, 2, axis=0)[::2]
+
+
+native_arrays = st.sampled_from(NATIVE_DTYPES + BIG_ENDIAN).flatmap(lambda dt: hnp.arrays(dt, shapes))
+ml_arrays = st.tuples(st.sampled_from(ML_DTYPES), hnp.arrays(np.float32, shapes, elements=st.floats(-448, 448,
+                                                                                                    width=32))).map(
+    lambda t: t[1].astype(t[0])
+)
+arrays = st.one_of(
+    native_arrays,
+    ml_arrays,
+    st.tuples(native_arrays, st.integers(0, 2)).map(lambda t: _non_contiguous(*t)),
+)
+numpy_scalars = st.one_of(
+    st.sampled_from(NATIVE_DTYPES).flatmap(lambda dt: hnp.arrays(dt, ())).map(lambda a: a[()]),
+    st.floats(-100, 100, width=32).map(ml_dtypes.bfloat16),
+)
+python_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**200), 2**200),
+    st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64, 2**127 + 12345, -(2**127)]),
+    st.floats(),  # nan and inf included
+    st.complex_numbers(),
+    st.text(),
+    st.binary(),
+)
+keys = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["/", ".", "", "~0", "~1", "a/b", "..", "./x", " ", "ключ", "🔑", "x" * 200, "state",
+                     "ckptmgr_manifest", "0", "-", "a.b"]),
+)
+leaves = st.one_of(arrays, numpy_scalars, python_leaves)
+trees = st.recursive(
+    leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(keys, children, max_size=4),
+    ),
+    max_leaves=16,
+)
+
+
+def _roundtrip_through_manager(tree: Any) -> Any:
+    with tempfile.TemporaryDirectory() as directory:
+        with ckptmgr.CheckpointManager(directory) as mgr:
+            mgr.save(7, tree)
+        # A fresh reader: the tree comes from the file, not from anything in memory.
+        return ckptmgr.CheckpointManager(directory, read_only=True).restore()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees)
+def test_random_trees_round_trip_exactly(tree: Any) -> None:
+    assert_tree_equal(_roundtrip_through_manager(tree), tree)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=st.dictionaries(keys, leaves, max_size=6))
+def test_random_dicts_round_trip_through_codec(tree: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "x.h5"
+        codec.write_file(path, tree, {"step": 1})
+        restored, manifest = codec.read_file(path)
+    assert_tree_equal(restored, tree)
+    assert manifest["step"] == 1
+
+
+# ------------------------------------------------------------------ explicit examples
+
+
+def _every_kind() -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((4, 6))
+    return {
+        **{f"{np.dtype(t).name}": (rng.integers(0, 100, 5) * (1 if np.dtype(t).kind != "b" else 1)).astype(t)
+           for t in (*INT_DTYPES, *FLOAT_DTYPES, *COMPLEX_DTYPES, np.bool_)},
+        "zero_d": np.array(3.5, dtype=np.float16),
+        "zero_d_bool": np.array(True),
+        "empty": np.zeros((0, 3), dtype=np.int16),
+        "empty_1d": np.array([], dtype=np.complex64),
+        "fortran": np.asfortranarray(base),
+        "transposed": base.T,
+        "strided": base[::2, ::3],
+        "reversed": base[::-1],
+        "big_endian": np.arange(6, dtype=">i4").reshape(2, 3),
+        "big_endian_float": np.array([1.5, -0.0, np.nan], dtype=">f8"),
+        "bfloat16": np.array([1.0, -2.5, np.inf], dtype=ml_dtypes.bfloat16),
+        "bfloat16_scalar": ml_dtypes.bfloat16(0.333),
+        "np_scalars": [np.float32(1.25), np.int8(-3), np.uint64(2**64 - 1), np.bool_(False), np.complex64(1 - 2j),
+                       np.float16(np.inf), np.longdouble("1.000000000000000000001")],
+        "py": (True, False, 0, -1, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 2**1000, -(2**1000)),
+        "floats": [0.0, -0.0, float("nan"), float("inf"), float("-inf"), 5e-324, 1.7976931348623157e308],
+        "complex": [complex(0, -0.0), complex(float("nan"), 1), 1j],
+        "text": ["", "plain", "ünïcödé ✓ 🔑", "lone \ud800 surrogate", "nul\x00inside"],
+        "bytes": [b"", b"\x00\xff" * 3],
+        "none": None,
+        "containers": {"empty_dict": {}, "empty_list": [], "empty_tuple": (), "nested": [(1, [{}]), ((),)]},
+        "keys": {"/": 1, ".": 2, "": 3, "~0": 4, "~1": 5, "a/b": 6, "ключ": 7, "🔑": 8, "x" * 300: 9, "0": 10,
+                 ".hidden": 11, "ckptmgr_manifest": 12},
+    }
+
+
+def test_every_supported_kind_round_trips(tmp_path: Path) -> None:
+    tree = _every_kind()
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        info = mgr.save(1, tree)
+        assert_tree_equal(mgr.restore(), tree)
+    assert info is not None and info.nbytes > 0
+    assert_tree_equal(ckptmgr.CheckpointManager(tmp_path, read_only=True).restore(1), tree)
+
+
+def test_key_order_is_kept(tmp_path: Path) -> None:
+    tree = {"b": 1, "a": 2, "~0": 3, "/": 4, "c": {"z": 1, "y": 2}}
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, tree)
+        restored = mgr.restore()
+    assert list(restored) == ["b", "a", "~0", "/", "c"]
+    assert list(restored["c"]) == ["z", "y"]
+
+
+def test_pcg64_state_with_128_bit_ints_round_trips_and_resumes_the_stream(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12345)
+    rng.random(17)
+    state = rng.bit_generator.state
+    assert state["state"]["state"] > 2**64  # really a 128-bit int
+    expected = rng.random(5)
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"rng": state, "legacy": np.random.RandomState(7).get_state(legacy=False)})
+        restored = mgr.restore()
+    assert_tree_equal(restored["rng"], state)
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = restored["rng"]
+    np.testing.assert_array_equal(resumed.random(5), expected)
+
+
+def test_numpy_scalars_stay_numpy_scalars_and_arrays_stay_arrays(tmp_path: Path) -> None:
+    tree = {"s": np.float64(1.5), "a0": np.array(1.5), "i": np.int32(4), "py": 1.5}
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, tree)
+        restored = mgr.restore()
+    assert type(restored["s"]) is np.float64
+    assert type(restored["a0"]) is np.ndarray and restored["a0"].shape == ()
+    assert type(restored["i"]) is np.int32
+    assert type(restored["py"]) is float
+    assert_tree_equal(restored, tree)
+
+
+def test_checkpoint_is_readable_with_plain_h5py(tmp_path: Path) -> None:
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        info = mgr.save(3, {"params": {"w": w}, "opt": [np.int64(5)], "a/b": np.ones(2)})
+    assert info is not None
+    with h5py.File(info.path, "r") as f:
+        np.testing.assert_array_equal(f["state/params/w"][()], w)
+        assert f["state/opt/0"][()] == 5
+        assert f.attrs["ckptmgr_format"] == 1
+        manifest = json.loads(f["ckptmgr_manifest"][()].tobytes())
+    assert manifest["step"] == 3
+    # The key that is not a plain HDF5 name is described in the manifest.
+    assert [item[0] for item in manifest["tree"]["items"]] == ["params", "opt", "a/b"]
+
+
+# ------------------------------------------------------------------- unsupported types
+
+
+class _Custom:
+    pass
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class _DictSub(dict):  # type: ignore[type-arg]
+    pass
+
+
+class _ArraySub(np.ndarray):  # type: ignore[type-arg]
+    pass
+
+
+UNSUPPORTED = [
+    pytest.param({"a": [1, {"b": np.array([object()], dtype=object)}]}, "state['a'][1]['b']", id="object-array"),
+    pytest.param({"s": {1, 2}}, "state['s']", id="set"),
+    pytest.param({"f": [frozenset()]}, "state['f'][0]", id="frozenset"),
+    pytest.param({"p": Point(1, 2)}, "state['p']", id="namedtuple"),
+    pytest.param({"o": [(_Custom(),)]}, "state['o'][0][0]", id="custom-class"),
+    pytest.param({"e": _Color.RED}, "state['e']", id="enum"),
+    pytest.param({"od": collections.OrderedDict(a=1)}, "state['od']", id="OrderedDict"),
+    pytest.param({"dd": _DictSub()}, "state['dd']", id="dict-subclass"),
+    pytest.param({"k": {1: "x"}}, "state['k']", id="int-key"),
+    pytest.param({"k": {"ok": {("t",): 1}}}, "state['k']['ok']", id="tuple-key"),
+    pytest.param({"u": np.array(["text"])}, "state['u']", id="unicode-array"),
+    pytest.param({"u": np.str_("x")}, "state['u']", id="numpy-str-scalar"),
+    pytest.param({"t": np.datetime64("2024-01-01")}, "state['t']", id="datetime64"),
+    pytest.param({"r": np.zeros(2, dtype=[("a", "i4")])}, "state['r']", id="structured-array"),
+    pytest.param({"m": np.zeros(2).view(_ArraySub)}, "state['m']", id="ndarray-subclass"),
+    pytest.param({"b": bytearray(b"x")}, "state['b']", id="bytearray"),
+    pytest.param({"d": decimal.Decimal(1)}, "state['d']", id="Decimal"),
+    pytest.param({"q": fractions.Fraction(1, 3)}, "state['q']", id="Fraction"),
+    pytest.param([1, 2, print], "state[2]", id="function"),
+]
+
+
+@pytest.mark.parametrize(("tree", "where"), UNSUPPORTED)
+def test_unsupported_values_raise_type_error_naming_the_key_path(tmp_path: Path, tree: Any, where: str) -> None:
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"ok": 1})
+        with pytest.raises(TypeError, match=re.escape(where)):
+            mgr.save(2, tree)
+        # Nothing was written, and the manager still works.
+        assert [c.step for c in mgr.checkpoints] == [1]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ckpt-", ".ckpt-"))) == [
+            "ckpt-000000001.h5"
+        ]
+        mgr.save(3, {"ok": 3})
+        assert mgr.restore() == {"ok": 3}
+
+
+def test_too_deep_and_cyclic_trees_raise_value_error() -> None:
+    deep: Any = 0
+    for _ in range(codec.MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(ValueError, match=r"^Expected a state tree .* Received: "):
+        codec.encode_tree(deep)
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(ValueError, match=r"^Expected a state tree"):
+        codec.encode_tree(cyclic)
+
+
+# -------------------------------------------------------------------- damaged files
+
+
+def _sample_tree() -> dict[str, Any]:
+    return {
+        "w": np.arange(200, dtype=np.float32),
+        "opt": [np.ones((3, 3)), (1, "x", 2**100)],
+        "name": "hello",
+        "none": None,
+        "k/": {"z": np.int8(3)},
+        "bf": np.ones(4, dtype=ml_dtypes.bfloat16),
+    }
+
+
+def _flip(data: bytes, position: int, bit: int) -> bytes:
+    buf = bytearray(data)
+    buf[position] ^= 1 << bit
+    return bytes(buf)
+
+
+def test_bit_flips_anywhere_never_give_wrong_data_or_a_foreign_exception(tmp_path: Path) -> None:
+    original = tmp_path / "good.h5"
+    tree = _sample_tree()
+    codec.write_file(original, tree, {"step": 1})
+    data = original.read_bytes()
+    damaged = tmp_path / "bad.h5"
+    rnd = random.Random(20240601)
+    # HDF5 keeps its metadata at the start and the end of the file: sample those densely.
+    positions = sorted(set(rnd.sample(range(0, 2048), 120) + rnd.sample(range(len(data) - 600, len(data)), 80)
+                           + rnd.sample(range(len(data)), 60)))
+    outcomes = collections.Counter()
+    for position in positions:
+        damaged.write_bytes(_flip(data, position, rnd.randrange(8)))
+        try:
+            restored, _ = codec.read_file(damaged)
+        except ckptmgr.CorruptCheckpointError:
+            outcomes["corrupt"] += 1
+            continue
+        assert_tree_equal(restored, tree)  # a harmless flip (padding, timestamps)
+        outcomes["harmless"] += 1
+    assert outcomes["corrupt"] > 0
+
+
+def test_truncation_at_any_length_is_corrupt(tmp_path: Path) -> None:
+    original = tmp_path / "good.h5"
+    codec.write_file(original, _sample_tree(), {"step": 1})
+    data = original.read_bytes()
+    damaged = tmp_path / "bad.h5"
+    for length in [0, 1, 7, 8, 100, 511, 512, *range(1000, len(data), 331), len(data) - 1]:
+        damaged.write_bytes(data[:length])
+        with pytest.raises(ckptmgr.CorruptCheckpointError):
+            codec.read_file(damaged)
+        with pytest.raises(ckptmgr.CorruptCheckpointError):
+            codec.read_meta(damaged)
+
+
+def test_flipped_array_byte_fails_its_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    codec.write_file(path, _sample_tree(), {"step": 1})
+    with h5py.File(path, "r") as f:
+        offset = f["state/w"].id.get_offset()
+    data = path.read_bytes()
+    path.write_bytes(_flip(data, offset + 4 * 100 + 1, 3))
+    assert codec.read_meta(path)["step"] == 1  # the manifest itself is intact
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match=r"checksum mismatch in /state/w"):
+        codec.read_file(path)
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match=r"checksum mismatch"):
+        codec.verify_file(path)
+    tree, _ = codec.read_file(path, verify=False)
+    assert tree["w"][100] != 100.0
+
+
+def _rewrite_manifest(path: Path, change: Any) -> None:
+    with h5py.File(path, "r+") as f:
+        manifest = json.loads(f["ckptmgr_manifest"][()].tobytes())
+        change(manifest)
+        blob = json.dumps(manifest).encode()
+        del f["ckptmgr_manifest"]
+        f.create_dataset("ckptmgr_manifest", data=np.frombuffer(blob, np.uint8))
+        f.attrs["ckptmgr_manifest_crc32"] = np.uint32(codec.checksum(blob))
+
+
+def test_hostile_manifest_cannot_make_the_reader_allocate_without_bound(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    codec.write_file(path, {"w": np.zeros(4)}, {"step": 1})
+
+    def huge(manifest: dict[str, Any]) -> None:
+        manifest["tree"]["items"][0][1]["shape"] = [2**40, 2**20]
+
+    _rewrite_manifest(path, huge)
+    with pytest.raises(ckptmgr.CorruptCheckpointError):
+        codec.read_file(path)
+
+
+def test_links_in_the_file_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.h5"
+    codec.write_file(path, {"w": np.zeros(4), "v": np.ones(4)}, {"step": 1})
+    with h5py.File(path, "r+") as f:
+        del f["state/w"]
+        f["state/w"] = h5py.SoftLink("/state/v")
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match="SoftLink"):
+        codec.read_file(path)
+    with h5py.File(path, "r+") as f:
+        del f["state/w"]
+        f["state/w"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match="ExternalLink"):
+        codec.read_file(path)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_corrupt(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match="not a ckptmgr checkpoint"):
+        codec.read_file(plain)
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    with pytest.raises(ckptmgr.CorruptCheckpointError):
+        codec.read_meta(text)
