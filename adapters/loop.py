@@ -168,8 +168,8 @@ def _resolve_frameworks(frameworks: Collection[Framework] | Literal["auto"]) -> 
                 f"Expected frameworks to be 'auto' or a collection of names from {list(FRAMEWORKS)}. "
                 f"Received: frameworks={frameworks!r}"
             )
-        imported = {"tensorflow": "tensorflow", "keras": "keras", "torch": "torch"}
-        return [name for name in FRAMEWORKS if name not in imported or imported[name] in sys.modules]
+        # Only frameworks already imported (a None entry in sys.modules blocks an import).
+        return [name for name in FRAMEWORKS if name in ("python", "numpy") or sys.modules.get(name) is not None]
     chosen = list(frameworks)
     bad = [name for name in chosen if name not in FRAMEWORKS]
     if bad:
