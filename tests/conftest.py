@@ -59,7 +59,7 @@ def assert_tree_equal(actual: Any, expected: Any, path: str = "state") -> None:
             assert_tree_equal(actual[key], expected[key], f"{path}[{key!r}]")
     elif type(expected) in (list, tuple):
         assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_tree_equal(a, e, f"{path}[{i}]")
     elif isinstance(expected, (np.ndarray, np.generic)):
         assert actual.dtype == expected.dtype and actual.dtype.str == expected.dtype.str, (
