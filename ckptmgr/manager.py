@@ -475,21 +475,74 @@ class CheckpointManager:
 
     # --------------------------------------------------------------------- retention
 
-    def _apply_retention(self, *, delete: bool = True) -> None:
+    def prune(self, keep: RetentionPolicy | None = None, *, dry_run: bool = False) -> list[CheckpointInfo]:
+        """Apply a retention policy now, without saving.
+
+        The latest checkpoint and the best one are protected, as after every save.
+
+        Example:
+
+        >>> import ckptmgr, tempfile
+        >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
+        ...     for step in range(5):
+        ...         _ = mgr.save(step, {"step": step})
+        ...     [c.step for c in mgr.prune(ckptmgr.KeepLast(2))], [c.step for c in mgr.checkpoints]
+        ([0, 1, 2], [3, 4])
+
+        Args:
+            keep: the policy (default: the manager's own ``keep=``).
+            dry_run: only say what would be deleted (allowed on a read-only manager).
+
+        Returns:
+            The checkpoints deleted (or, with ``dry_run``, that would be), ascending step;
+            one that could not be deleted is left out, with a :class:`CheckpointWarning`.
+
+        Raises:
+            ValueError: no policy given and the manager has none.
+            CheckpointError: the manager is read-only (without ``dry_run``) or closed.
+        """
+        if not dry_run:
+            self._check_writable()
+        policy = self._keep if keep is None else keep
+        if not isinstance(policy, RetentionPolicy):
+            raise ValueError(
+                "Expected keep to be a retention policy such as ckptmgr.KeepLast(3). "
+                f"Received: keep={keep!r} (and the manager has no keep= of its own)"
+            )
+        self._wait_pending()
+        if self._read_only:
+            self._refresh()
+        with self._mutex:
+            removed = self._apply_retention(delete=not dry_run, policy=policy)
+            if dry_run:
+                self._apply_retention(delete=False)  # back to the manager's own labels
+            elif self._lock is not None:
+                self._write_index()
+        return removed
+
+    def _apply_retention(
+        self, *, delete: bool = True, policy: RetentionPolicy | Literal["own"] | None = "own"
+    ) -> list[CheckpointInfo]:
         """Delete what no policy keeps, except the latest and the best; set keep_reasons.
 
         With ``delete=False`` (a directory just opened, or a reader) only the reasons are
-        computed; what would go is marked "unretained".
+        computed; what would go is marked "unretained". Returns what was (or would be)
+        deleted.
         """
         infos = [self._records[s].info for s in sorted(self._records)]
         if not infos:
-            return
-        if self._keep is None and self._read_only and any(r.recorded_reasons for r in self._records.values()):
-            # A reader does not know the writer's policies: show what the writer said.
+            return []
+        keep = self._keep if policy == "own" else policy
+        if keep is None and self._read_only and any(r.recorded_reasons for r in self._records.values()):
+            # A reader does not know the writer's policies: show what the writer said
+            # (and what it could not know: damage found since).
             for record in self._records.values():
-                record.info = record.info.with_reasons(record.recorded_reasons)
-            return
-        if self._keep is None:
+                reasons = tuple(r for r in record.recorded_reasons if not r.startswith("corrupt: "))
+                if record.corrupt:
+                    reasons += (f"corrupt: {record.corrupt}",)
+                record.info = record.info.with_reasons(reasons)
+            return []
+        if keep is None:
             kept: dict[int, list[str]] = {c.step: ["keep all"] for c in infos}
         else:
             context = RetentionContext(
@@ -497,7 +550,7 @@ class CheckpointManager:
                 monitor=self._tracker.monitor if self._tracker else None,
                 mode=self._tracker.mode if self._tracker else "min",
             )
-            kept = {s: list(r) for s, r in self._keep.keep(infos, context).items()}
+            kept = {s: list(r) for s, r in keep.keep(infos, context).items()}
         # The two protections of invariant 5, whatever the policies say.
         kept.setdefault(infos[-1].step, []).insert(0, "latest")
         best = self._best_locked()
@@ -509,22 +562,25 @@ class CheckpointManager:
         for step, record in self._records.items():
             if record.corrupt and step in kept:
                 kept[step].append(f"corrupt: {record.corrupt}")
-        doomed = [c.step for c in infos if c.step not in kept]
+        doomed = [c for c in infos if c.step not in kept]
         if not delete:
-            for step in doomed:
-                kept[step] = ["unretained: deleted at the next save"]
-            doomed = []
-        failures = self._delete_files([f for step in doomed for f in self._records[step].files])
-        for step in doomed:
-            failed = [failures[f] for f in self._records[step].files if f in failures]
+            for info in doomed:
+                kept[info.step] = ["unretained: deleted at the next save"]
+            return doomed
+        failures = self._delete_files([f for info in doomed for f in self._records[info.step].files])
+        removed = []
+        for info in doomed:
+            failed = [failures[f] for f in self._records[info.step].files if f in failures]
             if failed:
-                kept[step] = [f"not deleted: {failed[0]}"]
+                kept[info.step] = [f"not deleted: {failed[0]}"]
             else:
-                del self._records[step]
+                del self._records[info.step]
+                removed.append(info)
         for step, reasons in kept.items():
             kept_record = self._records.get(step)
             if kept_record is not None and kept_record.info.keep_reasons != tuple(reasons):
                 kept_record.info = kept_record.info.with_reasons(tuple(reasons))
+        return removed
 
     def _delete_files(self, names: list[str]) -> dict[str, OSError]:
         failures = storage.remove_files(self._directory, names)
@@ -749,7 +805,8 @@ class CheckpointManager:
                     size, crc = storage.file_checksum(path, codec.checksum)
                     if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")):
                         raise CorruptCheckpointError(
-                            f"{path}: checksum mismatch (size {size}, expected {record.meta.get('size')})"
+                            f"{path}: checksum mismatch (file has {size} bytes, crc32 {crc:#010x}; "
+                            f"expected {record.meta.get('size')} bytes, crc32 {record.meta.get('crc32', 0):#010x})"
                         )
                 return path
             if not tree:
