@@ -17,9 +17,9 @@ import random
 import sys
 
 import numpy as np
+from ckptmgr.adapters.loop import TrainingLoop
 
 import ckptmgr
-from ckptmgr.adapters.loop import TrainingLoop
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -47,7 +48,7 @@ def plan_seed() -> int:
 class Child:
     """A training script running as a child process, read line by line."""
 
-    def __init__(self, argv: list[str], log: Path, *, stdin: bool = False) -> None:
+    def __init__(self, argv: list[str], log: Path, *, stdin: bool = False, deadline: float = 120.0) -> None:
         self.log = log
         self._stderr: IO[bytes] = open(log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
@@ -60,6 +61,11 @@ class Child:
             text=True,
         )
         self.lines: list[str] = []
+        # A safety net, not a synchronisation: a child that hangs (a signal handler that
+        # fails to end it, say) is killed, so the test fails instead of hanging.
+        self._watchdog = threading.Timer(deadline, self.proc.kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def readline(self) -> str | None:
         assert self.proc.stdout is not None
@@ -89,6 +95,7 @@ class Child:
         while self.readline() is not None:
             pass
         code = self.proc.wait()
+        self._watchdog.cancel()
         for stream in (self.proc.stdout, self.proc.stdin, self._stderr):
             if stream is not None:
                 stream.close()

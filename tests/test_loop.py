@@ -30,10 +30,10 @@ from _loop_harness import (
     random_plan,
     run_interrupted,
 )
-
-import ckptmgr
 from ckptmgr.adapters import loop as loop_module
 from ckptmgr.adapters.loop import PREEMPTED_EXIT_CODE, TrainingLoop, capture_rng, restore_rng
+
+import ckptmgr
 
 # ----------------------------------------------------------------------------- RNG
 
@@ -373,7 +373,7 @@ def test_second_signal_during_the_preemption_save_exits_at_once_and_leaves_the_d
 ) -> None:
     directory = tmp_path / "run"
     argv = ["tests/_loop_child.py", "--steps", "60", "--save-every", "5"]
-    child = Child([*argv, "--block-in-preemption-save", str(directory)], tmp_path / "run.log", stdin=True)
+    child = Child([*argv, "--block-in-preemption-save", str(directory)], tmp_path / "run.log", stdin=True, deadline=30)
     assert child.start_step() == 0
     assert child.read_until(r"step 12$") is not None
     child.proc.send_signal(signal.SIGTERM)
