@@ -55,7 +55,7 @@ from .errors import (
 from .info import CheckpointInfo
 from .manager import CheckpointManager
 from .metrics import MetricTracker
-from .policies import AnyRetention, KeepBest, KeepEvery, KeepLast, RetentionContext, RetentionPolicy
+from .policies import AnyRetention, KeepBest, KeepEvery, KeepLast, RetentionPolicy
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
 
@@ -250,17 +250,6 @@ def _is_native(info: CheckpointInfo) -> bool:
     knows how to verify and restore. Payload names never look like ``ckpt-<step>.h5``.
     """
     return storage.parse_name(info.path.name) is not None
-
-
-def _files(info: CheckpointInfo) -> list[str]:
-    """The names of a checkpoint's files in its directory: a payload before its sidecar.
-
-    In that order a deletion cut short leaves a sidecar without payload, which the next
-    writer removes, never a payload nobody tracks (as the manager does).
-    """
-    if _is_native(info):
-        return [info.path.name]
-    return [info.path.name, storage.sidecar_name(info.path.name)]
 
 
 def _file_size(path: Path) -> int | None:
@@ -590,45 +579,12 @@ def _verify_one(mgr: CheckpointManager, info: CheckpointInfo) -> tuple[str, str 
 # ----------------------------------------------------------------------------- prune
 
 
-@dataclasses.dataclass
-class _Plan:
-    """What a prune keeps (with reasons) and removes."""
+def _open_pruner(
+    directory: Path, policy: RetentionPolicy, tracker: MetricTracker | None, *, read_only: bool
+) -> CheckpointManager:
+    """A manager of ``directory`` with ``policy`` as its retention and the run's metric.
 
-    kept: dict[int, list[str]]
-    remove: list[CheckpointInfo]
-    infos: list[CheckpointInfo]
-
-
-def _plan(mgr: CheckpointManager, policy: RetentionPolicy, tracker: MetricTracker | None) -> _Plan:
-    """Apply ``policy`` to ``mgr``'s checkpoints, protecting the latest and the best.
-
-    Mirrors what the manager does after a save (invariant 5): the policies choose, then
-    the latest checkpoint and the current best are kept whatever they say.
-    """
-    infos = mgr.checkpoints
-    if not infos:
-        return _Plan({}, [], [])
-    context = RetentionContext(
-        now=time.time(),
-        monitor=tracker.monitor if tracker else None,
-        mode=tracker.mode if tracker else "min",
-    )
-    kept = {step: list(reasons) for step, reasons in policy.keep(infos, context).items()}
-    kept.setdefault(infos[-1].step, []).insert(0, "latest")
-    best = mgr.best
-    if best is not None and tracker is not None:
-        label = f"best {tracker.monitor}"
-        reasons = kept.setdefault(best.step, [])
-        if not any(r.startswith(label) for r in reasons):
-            reasons.insert(0, label)
-    return _Plan(kept, [c for c in infos if c.step not in kept], infos)
-
-
-def _open_writer(directory: Path, policy: RetentionPolicy, tracker: MetricTracker | None) -> CheckpointManager:
-    """A writing manager of ``directory`` (it takes the writer lock) with the run's metric.
-
-    It gets ``policy`` too, so that the index it writes when closed records why each
-    kept checkpoint is kept; it deletes nothing by itself (retention runs after a save).
+    Without ``read_only`` it takes the writer lock.
 
     Raises:
         CliError: a live process (a training job) holds the writer lock.
@@ -642,6 +598,7 @@ def _open_writer(directory: Path, policy: RetentionPolicy, tracker: MetricTracke
             mode=tracker.mode if tracker else "auto",
             min_delta=tracker.min_delta if tracker else 0.0,
             baseline=tracker.baseline if tracker else None,
+            read_only=read_only,
         )
     except DirectoryLockedError as exc:
         raise CliError(
@@ -674,57 +631,48 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             "recorded none",
             EXIT_USAGE,
         )
-    errors: dict[int, str] = {}  # step -> why it could not be removed
-    failures: dict[str, OSError] = {}
-    if args.dry_run:
-        # No lock needed to look: a dry run works while a training job is running.
-        plan = _plan(reader, policy, tracker)
-        sizes = {c.step: _file_size(c.path) for c in plan.remove}
-    else:
-        writer = _open_writer(reader.directory, policy, tracker)
-        try:
-            plan = _plan(writer, policy, tracker)
-            sizes = {c.step: _file_size(c.path) for c in plan.remove}
-            failures = storage.remove_files(writer.directory, [f for c in plan.remove for f in _files(c)])
-        finally:
-            writer.close()  # records the kept checkpoints and their reasons in the index
-        for c in plan.remove:
-            for name in _files(c):
-                if name in failures and c.step not in errors:
-                    exc = failures[name]
-                    errors[c.step] = f"cannot remove {c.path.parent / name}: {exc.strerror or exc}"
-        if "" in failures:  # the fsync of the directory after removing
-            _error(f"cannot sync {reader.directory}: {failures[''].strerror or failures['']}")
-    removed = [c for c in plan.remove if c.step not in errors]
-    failed = [c for c in plan.remove if c.step in errors]
+    # A dry run needs no lock: it works while a training job is running.
+    mgr = _open_pruner(reader.directory, policy, tracker, read_only=args.dry_run)
+    try:
+        before = {c.step: c for c in mgr.checkpoints}
+        sizes = {step: _file_size(c.path) for step, c in before.items()}
+        with warnings.catch_warnings():
+            # A file that cannot be deleted is reported below, from its keep reason.
+            warnings.simplefilter("ignore", CheckpointWarning)
+            removed = mgr.prune(dry_run=args.dry_run)
+        removed_steps = {c.step for c in removed}
+        after = [] if args.dry_run else mgr.checkpoints
+        if args.dry_run:
+            after = [c for c in mgr.checkpoints if c.step not in removed_steps]
+    finally:
+        mgr.close()
+    errors = {c.step: r[len("not deleted: "):] for c in after for r in c.keep_reasons
+              if r.startswith("not deleted: ")}
+    kept = [c for c in after if c.step not in errors]
+    failed = [before[step] for step in errors]
     if args.json:
         _print_json({
             "directory": str(reader.directory),
             "dry_run": args.dry_run,
             "policy": repr(policy),
             "tracker": _tracker_json(tracker),
-            "kept": [{"step": c.step, "path": str(c.path), "keep_reasons": plan.kept[c.step]}
-                     for c in plan.infos if c.step in plan.kept],
-            "removed": [{"step": c.step, "path": str(c.path), "file_bytes": sizes[c.step]} for c in removed],
+            "kept": [{"step": c.step, "path": str(c.path), "keep_reasons": list(c.keep_reasons)} for c in kept],
+            "removed": [{"step": c.step, "path": str(c.path), "file_bytes": sizes.get(c.step)} for c in removed],
             "failed": [{"step": c.step, "path": str(c.path), "error": errors[c.step]} for c in failed],
         })
     else:
         verb = "would remove" if args.dry_run else "removed"
-        rows = []
-        for c in plan.infos:
-            if c.step in plan.kept:
-                rows.append(["keep", str(c.step), ", ".join(plan.kept[c.step])])
-            elif c.step in errors:
-                rows.append(["FAILED", str(c.step), errors[c.step]])
-            else:
-                rows.append([verb, str(c.step), _human_bytes(sizes[c.step])])
+        rows = [["keep", str(c.step), ", ".join(c.keep_reasons)] for c in kept]
+        rows += [["FAILED", str(c.step), errors[c.step]] for c in failed]
+        rows += [[verb, str(c.step), _human_bytes(sizes.get(c.step))] for c in removed]
+        rows.sort(key=lambda row: int(row[1]))
         for line in _table(["ACTION", "STEP", "DETAIL"], rows, right={1}):
             print(line)
-        freed = sum(sizes[c.step] or 0 for c in removed)
+        freed = sum(sizes.get(c.step) or 0 for c in removed)
         print(f"{'dry run: ' if args.dry_run else ''}{verb} {len(removed)} checkpoint{'s' * (len(removed) != 1)} "
-              f"({_human_bytes(freed)}), kept {len(plan.kept)}"
+              f"({_human_bytes(freed)}), kept {len(kept)}"
               + (f", {len(failed)} could not be removed" if failed else ""))
-    return EXIT_FAILURE if errors or "" in failures else EXIT_OK
+    return EXIT_FAILURE if errors else EXIT_OK
 
 
 # ------------------------------------------------------------------------------ diff

@@ -537,10 +537,10 @@ class CheckpointManager:
             # A reader does not know the writer's policies: show what the writer said
             # (and what it could not know: damage found since).
             for record in self._records.values():
-                reasons = tuple(r for r in record.recorded_reasons if not r.startswith("corrupt: "))
+                recorded = tuple(r for r in record.recorded_reasons if not r.startswith("corrupt: "))
                 if record.corrupt:
-                    reasons += (f"corrupt: {record.corrupt}",)
-                record.info = record.info.with_reasons(reasons)
+                    recorded += (f"corrupt: {record.corrupt}",)
+                record.info = record.info.with_reasons(recorded)
             return []
         if keep is None:
             kept: dict[int, list[str]] = {c.step: ["keep all"] for c in infos}
@@ -563,12 +563,12 @@ class CheckpointManager:
             if record.corrupt and step in kept:
                 kept[step].append(f"corrupt: {record.corrupt}")
         doomed = [c for c in infos if c.step not in kept]
+        removed: list[CheckpointInfo] = []
         if not delete:
             for info in doomed:
                 kept[info.step] = ["unretained: deleted at the next save"]
-            return doomed
+            removed, doomed = doomed, []
         failures = self._delete_files([f for info in doomed for f in self._records[info.step].files])
-        removed = []
         for info in doomed:
             failed = [failures[f] for f in self._records[info.step].files if f in failures]
             if failed:
