@@ -1,0 +1,308 @@
+"""Machinery shared by the Keras callbacks of :mod:`ckptmgr.adapters.keras`.
+
+- :class:`FitContext`: how the ckptmgr callbacks of one ``fit()`` find each other, so
+  that ``BackupAndRestore`` can save and restore the state of ``EarlyStopping`` and
+  ``ModelCheckpoint`` with the model's, and so that all of them skip the batches a
+  resumed epoch replays.
+- :class:`CkptCallback`: the base of the three callbacks (state hooks, once-per-event
+  processing, the metric direction and improvement test Keras uses).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from ckptmgr.metrics import infer_mode
+
+Direction = Literal["min", "max"]
+
+_log = logging.getLogger("ckptmgr.adapters.keras")
+
+
+def print_msg(message: str) -> None:
+    """Print like Keras' callbacks: to stdout, or to logging when Keras' interactive logging is off."""
+    if keras.config.is_interactive_logging_enabled():
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+    else:
+        _log.info(message)
+
+
+# ------------------------------------------------------------------- fit context
+
+
+class FitContext:
+    """The ckptmgr callbacks attached to one model, and the resume state of its fit.
+
+    Keras hands every callback of one ``fit()`` the same ``params`` dict, so "the
+    callbacks of this fit" are the registered ones whose ``params`` is that object;
+    their order is the order of the ``callbacks=`` list (the order ``set_model`` was
+    called in).
+    """
+
+    def __init__(self) -> None:
+        self._members: list[weakref.ref[CkptCallback]] = []
+        # Published by BackupAndRestore.on_train_begin for the fit identified by `params`.
+        self.params: object = None
+        self.restored_states: Mapping[str, Any] = {}
+        self.skip_epoch: int | None = None
+        self.skip_batches = 0
+
+    def register(self, callback: CkptCallback) -> None:
+        alive = [ref for ref in self._members if ref() is not None]
+        if not any(ref() is callback for ref in alive):
+            alive.append(weakref.ref(callback))
+        self._members = alive
+
+    def members(self, params: object) -> list[CkptCallback]:
+        """The registered callbacks of the fit whose ``params`` object is ``params``."""
+        found = [ref() for ref in self._members]
+        return [c for c in found if c is not None and params is not None and c.fit_params is params]
+
+    def key(self, callback: CkptCallback) -> str:
+        """The callback's name in a backup: its class and its rank among those of its fit."""
+        kind = callback.state_kind
+        peers = [c for c in self.members(callback.fit_params) if c.state_kind == kind]
+        rank = next((i for i, c in enumerate(peers) if c is callback), len(peers))
+        return f"{kind}#{rank}"
+
+    def publish(self, params: object, states: Mapping[str, Any], skip_epoch: int | None, skip_batches: int) -> None:
+        self.params = params
+        self.restored_states = dict(states)
+        self.skip_epoch = skip_epoch if skip_batches > 0 else None
+        self.skip_batches = skip_batches
+
+    def restored_state(self, callback: CkptCallback) -> Any:
+        if self.params is None or callback.fit_params is not self.params:
+            return None
+        return self.restored_states.get(self.key(callback))
+
+    def skipping(self, params: object, epoch: int | None, batch: int) -> bool:
+        """Whether batch ``batch`` of ``epoch`` is one a resumed epoch replays."""
+        return (
+            self.skip_epoch is not None
+            and params is self.params
+            and epoch == self.skip_epoch
+            and batch < self.skip_batches
+        )
+
+    def end_skip(self) -> None:
+        self.skip_epoch = None
+        self.skip_batches = 0
+
+    def clear(self, params: object) -> None:
+        if self.params is params:
+            self.params = None
+            self.restored_states = {}
+            self.end_skip()
+
+
+_CONTEXTS: weakref.WeakKeyDictionary[Any, FitContext] = weakref.WeakKeyDictionary()
+_CONTEXTS_BY_ID: dict[int, tuple[weakref.ref[Any] | None, FitContext]] = {}
+
+
+def context_for(model: Any) -> FitContext:
+    """The FitContext of ``model`` (created on first use, dropped with the model)."""
+    try:
+        ctx = _CONTEXTS.get(model)
+        if ctx is None:
+            ctx = _CONTEXTS[model] = FitContext()
+        return ctx
+    except TypeError:  # not hashable or not weak-referenceable: keyed by id instead
+        entry = _CONTEXTS_BY_ID.get(id(model))
+        if entry is None or entry[0] is None or entry[0]() is not model:
+            try:
+                ref: weakref.ref[Any] | None = weakref.ref(model)
+            except TypeError:
+                ref = None
+            entry = (ref, FitContext())
+            _CONTEXTS_BY_ID[id(model)] = entry
+        return entry[1]
+
+
+# ------------------------------------------------------------------ the base class
+
+
+class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Base of the ckptmgr Keras callbacks: fit membership, backed-up state, epoch tracking.
+
+    Subclasses implement ``_handle_epoch_end``/``_handle_batch_end`` (called once per
+    event, whoever calls first: Keras, or ``BackupAndRestore`` just before it takes a
+    backup) and ``callback_state``/``load_callback_state`` for the backup.
+    """
+
+    state_kind = "Callback"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ctx: FitContext | None = None
+        self._epoch: int | None = None
+        self._synced = True
+        self._epoch_done: int | None = None
+        self._batch_done: tuple[int | None, int] | None = None
+
+    # ---------------------------------------------------------- membership
+
+    @property
+    def fit_params(self) -> object:
+        """The ``params`` dict Keras gave this callback (identifies the fit)."""
+        return getattr(self, "params", None)
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self._ctx = context_for(model)
+        self._ctx.register(self)
+
+    @property
+    def context(self) -> FitContext:
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a model; pass it to model.fit(callbacks=...)")
+        return self._ctx
+
+    def callback_state(self) -> dict[str, Any]:
+        """The state a backup holds for this callback (a ckptmgr state tree)."""
+        return {}
+
+    def load_callback_state(self, state: Any) -> None:
+        """Take over a state that :meth:`callback_state` returned in an earlier process."""
+
+    def _begin_fit(self) -> None:
+        self._synced = False
+        self._epoch = None
+        self._epoch_done = None
+        self._batch_done = None
+
+    def _sync(self) -> None:
+        """Load this callback's state from the backup being resumed, once per fit."""
+        if self._synced:
+            return
+        self._synced = True
+        state = self._ctx.restored_state(self) if self._ctx is not None else None
+        if state is not None:
+            self.load_callback_state(state)
+
+    def _skipping(self, batch: int) -> bool:
+        return self._ctx is not None and self._ctx.skipping(self.fit_params, self._epoch, batch)
+
+    # ---------------------------------------------------------- events
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin_fit()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._sync()
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.batch_end_once(batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch_end_once(epoch, logs)
+
+    def batch_end_once(self, batch: int, logs: dict[str, Any] | None) -> None:
+        self._sync()
+        if self._skipping(batch) or self._batch_done == (self._epoch, batch):
+            return
+        self._batch_done = (self._epoch, batch)
+        self._handle_batch_end(batch, logs or {})
+
+    def epoch_end_once(self, epoch: int, logs: dict[str, Any] | None) -> None:
+        self._sync()
+        if self._epoch_done == epoch:
+            return
+        self._epoch_done = epoch
+        self._handle_epoch_end(epoch, logs or {})
+
+    def _handle_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
+        pass
+
+    def _handle_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        pass
+
+
+# ------------------------------------------------------- monitored metric, Keras' way
+
+
+def check_mode(owner: str, mode: str) -> str:
+    """Keras' rule: an unknown mode warns and falls back to "auto"."""
+    if mode not in ("auto", "min", "max"):
+        import warnings
+
+        warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
+        return "auto"
+    return mode
+
+
+def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
+    """"min"/"max" for ``monitor`` as Keras decides it, or None when it cannot tell.
+
+    ``mode="auto"``: ``loss``/``val_loss`` are minimised; a compiled metric of that name
+    declares its own direction; otherwise ckptmgr infers it from the name
+    (:func:`ckptmgr.metrics.infer_mode`), where Keras would give up.
+    """
+    if mode in ("min", "max"):
+        return mode  # type: ignore[return-value]
+    name = monitor.removeprefix("val_")
+    direction: Direction | None = "min" if name == "loss" else None
+    for metric in _compiled_metrics(model):
+        if getattr(metric, "name", None) == name and hasattr(metric, "_direction"):
+            direction = "max" if metric._direction == "up" else "min"
+    if direction is None:
+        try:
+            direction = infer_mode(monitor)
+        except ValueError:
+            return None
+    return direction
+
+
+def direction_error(owner: str, monitor: str) -> ValueError:
+    return ValueError(
+        f"Expected mode='min' or mode='max' for {owner}: the direction of monitor={monitor!r} cannot "
+        f"be inferred from its name or from the model's metrics. Received: mode='auto'"
+    )
+
+
+def _compiled_metrics(model: Any) -> list[Any]:
+    found: list[Any] = []
+    for metric in getattr(model, "metrics", None) or []:
+        inner = getattr(metric, "metrics", None)  # Keras' CompileMetrics / MetricsList containers
+        if isinstance(inner, list):
+            found.extend(inner)
+    return found
+
+
+def improved(direction: Direction, current: Any, reference: Any, min_delta: float) -> bool:
+    """Keras' improvement test: ``current`` beats ``reference`` by more than ``min_delta``.
+
+    Compared with ``keras.ops`` as Keras does (in the default float type), so that
+    near-ties are decided exactly as ``keras.callbacks`` decide them.
+    """
+    if reference is None:
+        return True
+    if direction == "min":
+        result = keras.ops.less(current + abs(min_delta), reference)
+    else:
+        result = keras.ops.greater(current - abs(min_delta), reference)
+    return bool(keras.ops.convert_to_numpy(result))
+
+
+def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``logs`` that are finite-or-not real scalars, as floats."""
+    out: dict[str, float] = {}
+    for key, value in logs.items():
+        if not isinstance(key, str) or isinstance(value, (str, bytes, bool)):
+            continue
+        try:
+            array = np.asarray(keras.ops.convert_to_numpy(value))
+        except Exception:  # not a number Keras knows; not a metric
+            continue
+        if array.shape == () and array.dtype.kind in "fiu":
+            out[key] = float(array)
+    return out

@@ -1,0 +1,50 @@
+"""Keras 3 ``fit()`` callbacks that survive crashes: change one import line.
+
+>>> from ckptmgr.adapters.keras import BackupAndRestore, EarlyStopping, ModelCheckpoint
+
+:class:`ModelCheckpoint`, :class:`BackupAndRestore` and :class:`EarlyStopping` take
+the arguments of ``keras.callbacks.ModelCheckpoint``, ``BackupAndRestore`` and
+``EarlyStopping`` (same meanings and defaults, same file names and files) and add what
+those lack: every file is written atomically and durably through a
+:class:`ckptmgr.CheckpointManager`; ``ModelCheckpoint(keep=...)`` keeps only what a
+retention policy says and remembers its best across restarts; ``BackupAndRestore``
+saves the optimizer, RNG and callback state too and resumes at the exact batch; and
+``EarlyStopping`` resumes its patience, best value and best weights.
+
+Differences from ``keras.callbacks`` worth knowing:
+
+- ``ModelCheckpoint``: the directory part of ``filepath`` may not hold placeholders; a
+  formatted file name must stay a plain name in that directory; the directory gets the
+  engine's hidden files (``.ckptmgr.lock``, ``.ckptmgr-index.json``, one
+  ``.ckptmgr-<hash>.json`` sidecar per file) and is locked against a second writer.
+  A placeholder with no value raises :class:`FilepathFormatError` (a ``KeyError`` as in
+  Keras, and a ``ValueError``).
+- ``BackupAndRestore(save_freq=N)`` resumes at the batch of the backup, replaying the
+  epoch's earlier batches without their effect, where Keras restarts the epoch and
+  trains on them twice; callbacks other than this package's see the replayed batches.
+  ``save_freq=False`` never backs up on a schedule. The delete at the end of training
+  removes only ckptmgr's files (Keras removes the whole directory).
+- All three work on Keras' public API (``model.variables``, ``optimizer.variables``,
+  ``keras.ops``), with one private attribute Keras' own ``BackupAndRestore`` uses too
+  (``model._initial_epoch``), which this one resets when training ends.
+
+For custom training loops, :func:`to_tree` and :func:`load_tree` (from
+:mod:`ckptmgr.adapters.tf`) turn models, optimizers and variables into a state tree and
+back.
+"""
+
+from __future__ import annotations
+
+from ._keras_backup import BackupAndRestore
+from ._keras_early_stopping import EarlyStopping
+from ._keras_model_checkpoint import FilepathFormatError, ModelCheckpoint
+from .tf import load_tree, to_tree
+
+__all__ = [
+    "BackupAndRestore",
+    "EarlyStopping",
+    "FilepathFormatError",
+    "ModelCheckpoint",
+    "load_tree",
+    "to_tree",
+]
