@@ -5,7 +5,7 @@ Three pieces, usable together (:class:`TrainingLoop`) or alone:
 - :func:`capture_rng` / :func:`restore_rng`: the state of every random number generator
   a loop draws from, as a ckptmgr state tree, in one call. Global generators are
   captured for Python's ``random``, NumPy's legacy ``np.random``, and, when already
-  imported, TensorFlow (``tf.random.get_global_generator()``), Keras (the global
+  imported, TensorFlow (``tf.random.get_global_generator()``, once it exists), Keras (the global
   ``SeedGenerator`` behind ``keras.random.*(seed=None)``) and PyTorch (CPU, and CUDA
   once initialised). Generator objects you pass by name are captured too:
   ``random.Random``, ``np.random.Generator``/``BitGenerator``/``RandomState``,
@@ -236,16 +236,37 @@ def _restore_numpy(tree: Mapping[str, Any]) -> None:
     np.random.set_state(dict(tree))
 
 
+def _tf_global_generator(tf: Any) -> Any:
+    """TensorFlow's global generator if it exists, or None; never creates one.
+
+    ``tf.random.get_global_generator()`` would create it from a non-deterministic seed,
+    and refuses to under ``enable_op_determinism()``, hence the module attribute.
+    """
+    try:
+        return importlib.import_module("tensorflow.python.ops.stateful_random_ops").global_generator
+    except (ImportError, AttributeError):  # another TF layout: the public way
+        try:
+            return tf.random.get_global_generator()
+        except RuntimeError:
+            return None
+
+
 def _capture_tensorflow() -> dict[str, Any]:
-    tf = importlib.import_module("tensorflow")
-    return {"global_generator": _tf_generator_state(tf.random.get_global_generator())}
+    gen = _tf_global_generator(importlib.import_module("tensorflow"))
+    return {"global_generator": None if gen is None else _tf_generator_state(gen)}
 
 
 def _restore_tensorflow(tree: Mapping[str, Any]) -> None:
+    saved = tree["global_generator"]
+    if saved is None:
+        return  # the saved run had not used it yet
     tf = importlib.import_module("tensorflow")
-    gen = tf.random.get_global_generator()
-    _check_tf_generator("tensorflow global generator", gen, tree["global_generator"])
-    gen.state.assign(tree["global_generator"]["state"])
+    gen = _tf_global_generator(tf)
+    if gen is None:
+        tf.random.set_global_generator(tf.random.Generator.from_state(saved["state"], saved["algorithm"]))
+        return
+    _check_tf_generator("tensorflow global generator", gen, saved)
+    gen.state.assign(saved["state"])
 
 
 def _tf_generator_state(gen: Any) -> dict[str, Any]:
