@@ -35,6 +35,8 @@ _SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # One thread per child: tiny models, two cores, and a reference run alongside.
+    env.update(OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
