@@ -378,7 +378,9 @@ def _reading(where: str) -> Iterator[None]:
     except (KeyError, RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
     except OSError as exc:
-        if exc.errno:
+        # FileNotFoundError: deleted under a reader by the writer's retention (the
+        # caller lists again); _open raises it without an errno.
+        if exc.errno or isinstance(exc, (FileNotFoundError, PermissionError)):
             raise
         raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
 
