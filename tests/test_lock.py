@@ -184,3 +184,30 @@ def test_refused_writer_leaves_no_lock_behind_in_this_process(ckpt_dir: Path) ->
 def test_lock_error_is_catchable_as_the_builtin() -> None:
     assert issubclass(ckptmgr.DirectoryLockedError, BlockingIOError)
     assert issubclass(ckptmgr.DirectoryLockedError, OSError)
+
+
+def test_reader_never_sees_partial_data_while_the_writer_saves_and_deletes(ckpt_dir: Path) -> None:
+    """A reader restoring over and over while another process saves with aggressive
+    retention: every restore is a complete checkpoint, never an error or a warning."""
+    import _crash_child as child
+    from conftest import assert_tree_equal
+
+    with subprocess.Popen([sys.executable, str(Path(__file__).with_name("_crash_child.py")), str(ckpt_dir),
+                           str(10**9)], stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            assert writer.stdout is not None
+            for _ in range(3):
+                writer.stdout.readline()
+            reader = CheckpointManager(ckpt_dir, read_only=True)
+            seen = set()
+            for _ in range(40):
+                state = reader.restore()
+                assert_tree_equal(state, child.state_for(state["step"]))
+                seen.add(state["step"])
+                latest = reader.latest
+                assert latest is not None and latest.step >= state["step"]
+            assert writer.poll() is None, "the writer stopped early"
+        finally:
+            writer.kill()
+            writer.wait(60)
+    assert len(seen) > 1  # the writer really moved on while we read
