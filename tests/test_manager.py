@@ -704,3 +704,26 @@ def test_async_save_follows_the_save_policy(ckpt_dir: Path, gated_writes: thread
             assert mgr.should_save(11) is False
         finally:
             gated_writes.set()
+
+
+def test_opening_with_a_stricter_policy_deletes_nothing_until_the_next_save(ckpt_dir: Path) -> None:
+    with CheckpointManager(ckpt_dir) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, {"s": step})
+    with CheckpointManager(ckpt_dir, keep=KeepLast(1)) as mgr:
+        assert on_disk(ckpt_dir) == [1, 2, 3, 4, 5]
+        assert reasons_of(mgr) == {**{s: ("unretained: deleted at the next save",) for s in range(1, 5)},
+                                   5: ("latest", "last 1")}
+        mgr.save(6, {"s": 6})
+        assert steps_of(mgr) == [6]
+    assert on_disk(ckpt_dir) == [6]
+
+
+def test_checkpoint_deleted_behind_the_writers_back(ckpt_dir: Path) -> None:
+    with CheckpointManager(ckpt_dir) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+        (ckpt_dir / "ckpt-000000003.h5").unlink()
+        assert mgr.restore() == {"s": 2}  # listed again: the newest that exists
+        with pytest.raises(CheckpointNotFoundError):
+            mgr.restore(3)
