@@ -473,7 +473,9 @@ class TrainingLoop:
     stop). A second signal ends the process at once, by the operating system's default
     action, even in the middle of that save. Leaving the block restores the previous
     handlers; a signal that arrived after the last ``step_done`` is then delivered to
-    them. The handlers are installed only in the main thread, where Python runs them.
+    them; the handlers of signals the loop acted on are not called. Signals ignored
+    (``SIG_IGN``) when the block is entered stay ignored. The handlers can only be
+    installed in the main thread, where Python runs them.
 
     Example (the signal is what a scheduler would send):
 
@@ -673,28 +675,33 @@ class TrainingLoop:
                     "Run the training loop in the main thread, or pass signals=() to go without "
                     "pre-emption handling."
                 )
-            previous: dict[signal.Signals, Any] = {}
-            try:
-                for signum in self._signals:
-                    previous[signum] = signal.signal(signum, self._on_signal)
-            except (ValueError, OSError) as exc:
-                for signum, handler in previous.items():
-                    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-                raise RuntimeError(f"Cannot install the pre-emption signal handlers: {exc}") from exc
-            self._previous = previous
-        self._installed = True
         self._received = None
         self._acted = False
+        self._previous = {}
+        try:
+            for signum in self._signals:
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    # Ignored on purpose (SIGINT of a job a shell script starts in the
+                    # background, SIGHUP under nohup): it stays ignored.
+                    continue
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        except (ValueError, OSError) as exc:
+            self._restore_handlers()
+            raise RuntimeError(f"Cannot install the pre-emption signal handlers: {exc}") from exc
+        self._installed = True
         return self
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            # None: the handler was not installed from Python; the default is the best guess.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._installed = False
-        for signum, handler in self._previous.items():
-            # None: the handler was not installed from Python; the default is the best guess.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
+        self._restore_handlers()
         if self._received is not None and not self._acted and exc_type is None:
             # Arrived after the last step_done: nothing was saved for it, so the
             # signal goes to whoever handled it before, as if we had never been here.
@@ -705,7 +712,7 @@ class TrainingLoop:
             self._received = signal.Signals(signum)
             # The next signal must end the process even while the main thread is inside
             # C code (an HDF5 write), where Python-level handlers cannot run.
-            for other in self._signals:
+            for other in self._previous:
                 signal.signal(other, signal.SIG_DFL)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--block-in-preemption-save", action="store_true")
     args = parser.parse_args()
 
+    # The parent may run as a background job, which has SIGINT ignored; TrainingLoop
+    # leaves ignored signals alone, and the test wants Ctrl-C's behaviour.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     random.seed(1)
     np.random.seed(2)
     generators = {

@@ -169,6 +169,19 @@ def test_rng_functions_reject_bad_arguments(call: Callable[[], Any], message: st
 # -------------------------------------------------------------------- TrainingLoop
 
 
+@pytest.fixture(autouse=True)
+def usual_signal_handlers() -> Iterator[None]:
+    """SIGTERM and SIGINT as in a terminal, whatever the runner inherited (a background
+    job has SIGINT ignored, and TrainingLoop leaves ignored signals alone)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 @pytest.fixture
 def mgr(tmp_path: Path) -> Iterator[ckptmgr.CheckpointManager]:
     with ckptmgr.CheckpointManager(tmp_path / "ckpt", save_every=ckptmgr.EverySteps(10)) as manager:
@@ -284,6 +297,16 @@ def test_exit_code_none_returns_and_the_loop_stops_itself(mgr: ckptmgr.Checkpoin
     assert step == 4 and info is not None and info.step == 4
     assert mgr.latest is not None and mgr.latest.step == 4  # committed, and the manager is still open
     mgr.save(5, {"step": 5}, force=True)
+
+
+def test_ignored_signals_stay_ignored(mgr: ckptmgr.CheckpointManager) -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with TrainingLoop(mgr, signals=(signal.SIGTERM, signal.SIGUSR1)) as loop:
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGUSR1)
+        assert not loop.preempted
+        loop.step_done(1, {"x": 1})
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
 
 
 def test_signal_after_the_last_step_goes_to_the_previous_handler(mgr: ckptmgr.CheckpointManager) -> None:
