@@ -45,7 +45,7 @@ import numpy as np
 
 import ckptmgr
 
-__all__ = ["PREEMPTED_EXIT_CODE", "TrainingLoop", "capture_rng", "restore_rng"]
+__all__ = ["FRAMEWORKS", "PREEMPTED_EXIT_CODE", "Framework", "TrainingLoop", "capture_rng", "restore_rng"]
 
 #: Exit status after a pre-emption save: 75 is ``EX_TEMPFAIL`` of ``sysexits.h``
 #: ("temporary failure, try again"). It tells a supervisor that the run stopped
