@@ -53,7 +53,7 @@ class BackupAndRestore(CkptCallback):
     >>> model = keras.Sequential([keras.layers.Dense(1)])
     >>> model.compile(optimizer="sgd", loss="mse")
     >>> x, y = np.ones((8, 1)), np.ones((8, 1))
-    >>> backup = BackupAndRestore(tempfile.mkdtemp(), save_freq=1)
+    >>> backup = BackupAndRestore(tempfile.mkdtemp())
     >>> try:
     ...     _ = model.fit(x, y, epochs=5, batch_size=4, callbacks=[backup, Interrupt()], verbose=0)
     ... except RuntimeError:

@@ -300,8 +300,9 @@ def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, float]:
         if not isinstance(key, str) or isinstance(value, (str, bytes, bool)):
             continue
         try:
-            array = np.asarray(keras.ops.convert_to_numpy(value))
-        except Exception:  # not a number Keras knows; not a metric
+            # .numpy(): framework tensors and variables (np.asarray of a TF variable warns).
+            array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+        except Exception:  # not a number; not a metric
             continue
         if array.shape == () and array.dtype.kind in "fiu":
             out[key] = float(array)

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import keras
+import numpy as np
 
 import ckptmgr
 
@@ -355,7 +355,7 @@ class ModelCheckpoint(CkptCallback):
 
         latest = manager.latest
         optimizer = getattr(model, "optimizer", None)
-        iterations = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer is not None else 0
+        iterations = int(np.asarray(optimizer.iterations.numpy())) if optimizer is not None else 0
         # Steps only grow, even when a new run in the same directory starts from 0: a
         # step that existed would replace (and delete) that step's file.
         step = max(iterations, self._last_step + 1, latest.step + 1 if latest is not None else 0)

@@ -37,7 +37,7 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[:SAMPLES], y[:SAMPLES], x[SAMPLES:], y[SAMPLES:]
 
 
-def make_model() -> keras.Model:
+def make_model(*, compiled: bool = True) -> keras.Model:
     """Unbuilt on purpose (no Input): BackupAndRestore must cope with that."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
@@ -45,7 +45,8 @@ def make_model() -> keras.Model:
         keras.layers.Dropout(0.25),  # its SeedGenerator state is part of the backup
         keras.layers.Dense(1),
     ])
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"], jit_compile=False)
+    if compiled:
+        model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"], jit_compile=False)
     return model
 
 
