@@ -46,6 +46,7 @@ Which = int | Literal["latest", "best"]
 # How often a reader re-lists the directory when the checkpoint it chose was deleted
 # under it by the writer's retention (each retry sees a newer latest).
 _READ_RETRIES = 20
+_MAX_STEP = 2**63 - 1
 
 
 def _policy_leaves(policy: object) -> Iterator[object]:
@@ -198,6 +199,9 @@ class CheckpointManager:
         self._lock: storage.DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[CheckpointInfo] | None = None
+        # The step and the tracker's best before it, of the write in flight.
+        self._pending_step: int | None = None
+        self._pending_best: tuple[float | None, int | None] = (None, None)
         self._last_save_time = clock()
 
         if read_only:
@@ -261,16 +265,30 @@ class CheckpointManager:
 
     @property
     def best(self) -> CheckpointInfo | None:
-        """The committed checkpoint with the best ``monitor`` value (ties: earliest), or None."""
+        """The best committed checkpoint by ``monitor``, or None.
+
+        That is the step where the tracker last saw an improvement (``min_delta`` and
+        ``baseline`` applied) when it was saved; otherwise the checkpoint with the best
+        value (ties: the earliest) if that beats ``baseline``.
+        """
         self._refresh_if_reader()
         with self._mutex:
             return self._best_locked()
 
     def _best_locked(self) -> CheckpointInfo | None:
-        if self._tracker is None:
+        tracker = self._tracker
+        if tracker is None:
             return None
-        ranked = best_order([r.info for r in self._records.values()], self._tracker.monitor, self._tracker.mode)
-        return ranked[0] if ranked else None
+        # The tracker's best (min_delta and baseline applied), when that step was saved.
+        record = self._records.get(tracker.best_step) if tracker.best_step is not None else None
+        if record is not None and record.info.metrics.get(tracker.monitor) == tracker.best:
+            return record.info
+        # Otherwise (metrics reported between saves, or a directory from elsewhere) the
+        # best value among the checkpoints, if it beats the baseline.
+        ranked = best_order([r.info for r in self._records.values()], tracker.monitor, tracker.mode)
+        if ranked and tracker.is_better(ranked[0].metrics[tracker.monitor], None):
+            return ranked[0]
+        return None
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self._directory)!r}, checkpoints={len(self._records)})"
@@ -331,8 +349,11 @@ class CheckpointManager:
         metrics = _check_metrics(metrics)
         if not isinstance(force, bool):
             raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
+        if self._pending is not None and self._pending.done():
+            self._wait_pending()  # a failed background write surfaces here, without blocking
         value = None
         improved = False
+        best_before = (self._tracker.best, self._tracker.best_step) if self._tracker else (None, None)
         if self._tracker is not None:
             value = metrics.get(self._tracker.monitor)
             if value is None:
@@ -372,13 +393,25 @@ class CheckpointManager:
             commit = lambda: self._commit_tree(step, state, meta)  # noqa: E731
             path = self._directory / storage.checkpoint_name(step)
         if self._executor is None:
-            return commit()
+            try:
+                return commit()
+            except BaseException:
+                self._forget_best(step, best_before)
+                raise
         self._pending = self._executor.submit(commit)
+        self._pending_step, self._pending_best = step, best_before
         return CheckpointInfo(step, path, metrics, now, 0)
+
+    def _forget_best(self, step: int, best_before: tuple[float | None, int | None]) -> None:
+        # A step whose save failed must not stay the best: then best_only would never
+        # save the model that was best (its retry would not improve on itself).
+        if self._tracker is not None and self._tracker.best_step == step:
+            self._tracker.best, self._tracker.best_step = best_before
 
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
-            last_step = max(self._records) if self._records else None
+            steps = [*self._records, *([] if self._pending_step is None else [self._pending_step])]
+            last_step = max(steps) if steps else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
 
@@ -423,8 +456,11 @@ class CheckpointManager:
         if pending is None:
             return
         exc = pending.exception()
+        step, self._pending_step = self._pending_step, None
         if exc is None:
             return
+        if step is not None:
+            self._forget_best(step, self._pending_best)
         if isinstance(exc, CheckpointError):
             raise exc
         raise CheckpointError(f"Background save to {self._directory} failed: {exc!r}") from exc
@@ -878,8 +914,8 @@ class CheckpointManager:
 
 
 def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"Expected step to be an int >= 0. Received: step={step!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
+        raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
     return int(step)
 
 

@@ -286,8 +286,6 @@ def test_directory_that_cannot_be_created(tmp_path: Path, monkeypatch: pytest.Mo
     assert excinfo.value.errno == errno.EROFS and str(tmp_path / "new") in str(excinfo.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a failed save still records its metric as the best; best_only then "
-                                       "never saves the model that was best")
 def test_failed_save_does_not_count_as_best(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with CheckpointManager(ckpt_dir, monitor="val_loss", best_only=True) as mgr:
         mgr.save(1, state_of(1), metrics={"val_loss": 0.5})
