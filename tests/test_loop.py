@@ -419,3 +419,15 @@ def test_second_signal_during_the_preemption_save_exits_at_once_and_leaves_the_d
     reference = Child([*argv, str(tmp_path / "ref")], tmp_path / "ref.log")
     assert reference.wait() == 0, reference.describe()
     assert_identical(final_tree(directory), final_tree(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_many_random_interruptions(tmp_path: Path) -> None:
+    seed = plan_seed()
+    rng = random.Random(seed)
+    plan = random_plan(rng, [rng.choice(["kill", "kill", "term", "int"]) for _ in range(25)], 1, 25)
+    argv = ["tests/_loop_child.py", "--steps", "1000", "--save-every", "3"]
+    reference = Child([*argv, str(tmp_path / "ref")], tmp_path / "ref.log")
+    run_interrupted([*argv, str(tmp_path / "run")], tmp_path / "run.log", plan=plan, save_every=3, seed=seed)
+    assert reference.wait() == 0, reference.describe()
+    assert_identical(final_tree(tmp_path / "run"), final_tree(tmp_path / "ref"))
