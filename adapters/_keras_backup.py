@@ -219,7 +219,7 @@ class BackupAndRestore(CkptCallback):
             added = batch - self._last_batch_seen
         self._last_batch_seen = batch
         self._global_batch += added
-        if self.save_freq == "epoch" or self.save_freq is False:
+        if isinstance(self.save_freq, str) or self.save_freq is False:
             return
         self._batches_seen_since_last_saving += added
         if self._batches_seen_since_last_saving >= self.save_freq:

@@ -276,7 +276,7 @@ def test_early_stopping_matches_keras(capsys: pytest.CaptureFixture[str], kwargs
 # ---------------------------------------------------------------- BackupAndRestore
 
 
-class Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
+class Interrupt(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
     def __init__(self, epoch: int, batch: int) -> None:
         super().__init__()
         self.at = (epoch, batch)
