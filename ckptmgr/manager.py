@@ -203,6 +203,7 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._pending_best: tuple[float | None, int | None] = (None, None)
         self._last_save_time = clock()
+        self._restored: CheckpointInfo | None = None
 
         if read_only:
             if not self._directory.is_dir():
@@ -255,6 +256,15 @@ class CheckpointManager:
         self._refresh_if_reader()
         with self._mutex:
             return [self._records[s].info for s in sorted(self._records)]
+
+    @property
+    def restored(self) -> CheckpointInfo | None:
+        """The checkpoint the last ``restore``/``restore_or_initialize`` loaded, or None.
+
+        After a fallback past a corrupt checkpoint this says which one was used; after
+        ``restore_or_initialize`` started fresh it is None.
+        """
+        return self._restored
 
     @property
     def latest(self) -> CheckpointInfo | None:
@@ -905,6 +915,7 @@ class CheckpointManager:
         raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
 
     def _after_restore(self, record: _Record) -> None:
+        self._restored = record.info
         # Resuming from a checkpoint resumes its metric history too.
         if not self._read_only and record.meta.get("tracker") is not None:
             self._restore_tracker(record.meta["tracker"])

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from ckptmgr.adapters.loop import TrainingLoop
 
 import ckptmgr
+from ckptmgr.adapters.loop import TrainingLoop
 
 
 def make_data() -> tuple[np.ndarray, np.ndarray]:

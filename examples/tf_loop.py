@@ -20,10 +20,10 @@ import argparse
 import keras
 import numpy as np
 import tensorflow as tf
-from ckptmgr.adapters import tf as ckpt_tf
-from ckptmgr.adapters.loop import TrainingLoop
 
 import ckptmgr
+from ckptmgr.adapters import tf as ckpt_tf
+from ckptmgr.adapters.loop import TrainingLoop
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from ckptmgr.adapters import torch as ckpt_torch
-from ckptmgr.adapters.loop import TrainingLoop
 
 import ckptmgr
+from ckptmgr.adapters import torch as ckpt_torch
+from ckptmgr.adapters.loop import TrainingLoop
 
 
 def main(argv: list[str] | None = None) -> None:

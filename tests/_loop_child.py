@@ -18,9 +18,9 @@ import signal
 import sys
 
 import numpy as np
-from ckptmgr.adapters.loop import TrainingLoop
 
 import ckptmgr
+from ckptmgr.adapters.loop import TrainingLoop
 
 
 def main() -> None:

@@ -30,10 +30,10 @@ from _loop_harness import (
     random_plan,
     run_interrupted,
 )
-from ckptmgr.adapters import loop as loop_module
-from ckptmgr.adapters.loop import PREEMPTED_EXIT_CODE, TrainingLoop, capture_rng, restore_rng
 
 import ckptmgr
+from ckptmgr.adapters import loop as loop_module
+from ckptmgr.adapters.loop import PREEMPTED_EXIT_CODE, TrainingLoop, capture_rng, restore_rng
 
 # ----------------------------------------------------------------------------- RNG
 

@@ -22,10 +22,10 @@ from _loop_harness import (  # noqa: E402 - after the importorskip
     random_plan,
     run_interrupted,
 )
-from ckptmgr.adapters import tf as ckpt_tf  # noqa: E402
-from ckptmgr.adapters.loop import capture_rng, restore_rng  # noqa: E402
 
 import ckptmgr  # noqa: E402
+from ckptmgr.adapters import tf as ckpt_tf  # noqa: E402
+from ckptmgr.adapters.loop import capture_rng, restore_rng  # noqa: E402
 
 
 def roundtrip(tree: Any, tmp_path: Path) -> Any:

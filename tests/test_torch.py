@@ -24,10 +24,10 @@ from _loop_harness import (  # noqa: E402 - after the importorskip
     random_plan,
     run_interrupted,
 )
-from ckptmgr.adapters import torch as ckpt_torch  # noqa: E402
-from ckptmgr.adapters.loop import capture_rng, restore_rng  # noqa: E402
 
 import ckptmgr  # noqa: E402
+from ckptmgr.adapters import torch as ckpt_torch  # noqa: E402
+from ckptmgr.adapters.loop import capture_rng, restore_rng  # noqa: E402
 
 
 def roundtrip(tree: Any, tmp_path: Path) -> Any:
