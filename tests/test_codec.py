@@ -406,3 +406,26 @@ def test_a_file_that_is_not_a_checkpoint_is_corrupt(tmp_path: Path) -> None:
     text.write_text("hello")
     with pytest.raises(ckptmgr.CorruptCheckpointError):
         codec.read_meta(text)
+
+
+def test_arrays_bigger_than_a_write_slab_round_trip_and_are_verified(tmp_path: Path) -> None:
+    """Arrays over the codec's slab size (16 MiB) are written and checksummed in pieces."""
+    rng = np.random.default_rng(3)
+    tree = {
+        "matrix": rng.standard_normal((2600, 850)),  # 17.7 MB, many rows per slab
+        "two_rows": rng.integers(-(2**31), 2**31, (2, 2_300_000), dtype=np.int32).astype(">i4"),  # 1 row a slab
+        "bf16": rng.standard_normal((3000, 3001), dtype=np.float32).astype(ml_dtypes.bfloat16),  # raw, 18 MB
+        "transposed": rng.standard_normal((1500, 3000), dtype=np.float32).T,  # not C-contiguous
+        "cube": np.arange(17 * 1024 * 1024 // 8 + 13, dtype=np.float64).reshape(-1, 1, 1),
+    }
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        info = mgr.save(1, tree)
+        assert_tree_equal(mgr.restore(), tree)
+    assert info is not None
+    with h5py.File(info.path, "r") as f:
+        offset = f["state/cube"].id.get_offset()
+    data = bytearray(info.path.read_bytes())
+    data[offset + 16 * 1024 * 1024 + 5] ^= 0x10  # in the second slab
+    info.path.write_bytes(bytes(data))
+    with pytest.raises(ckptmgr.CorruptCheckpointError, match=r"checksum mismatch in /state/cube"):
+        codec.read_file(info.path)
