@@ -19,7 +19,7 @@ import pytest
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     markexpr = config.getoption("markexpr", "") or ""
-    if os.environ.get("CKPTMGR_SLOW") or "slow" in markexpr:
+    if os.environ.get("CKPTMGR_SLOW", "") not in ("", "0") or "slow" in markexpr:
         return
     skip = pytest.mark.skip(reason="slow: run with -m slow or CKPTMGR_SLOW=1")
     for item in items:
