@@ -194,7 +194,15 @@ class BackupAndRestore(CkptCallback):
             targets["metrics"] = list(model.metrics_variables)
         # Checks every count, shape and dtype before assigning anything.
         load_tree(targets, tree)
-        restore_rng(tree["rng"])
+        try:
+            restore_rng(tree["rng"])
+        except ImportError as exc:  # saved by a process that had imported a framework this one lacks
+            warnings.warn(
+                f"ckptmgr: cannot restore every random number generator saved in {self.backup_dir} ({exc}); "
+                "the resumed run may draw different random numbers",
+                ckptmgr.CheckpointWarning,
+                stacklevel=3,
+            )
 
     def _finish_replay(self) -> None:
         """The replayed batches are done: the data is in place, now set the state of the backup."""
@@ -276,7 +284,7 @@ class BackupAndRestore(CkptCallback):
             return
         model = self.model
         optimizer = getattr(model, "optimizer", None)
-        build_config = model.get_build_config() if hasattr(model, "get_build_config") else None
+        build_config = _json_or_none(model.get_build_config() if hasattr(model, "get_build_config") else None)
         tree = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -284,7 +292,7 @@ class BackupAndRestore(CkptCallback):
             "epoch": epoch,
             "batch": batch,
             "stopped": bool(getattr(model, "stop_training", False)),
-            "build_config": json.dumps(build_config) if build_config else None,
+            "build_config": build_config,
             "model": to_tree(model),
             "optimizer": to_tree(optimizer) if optimizer is not None else [],
             "metrics": to_tree(list(model.metrics_variables)),
@@ -327,3 +335,13 @@ class BackupAndRestore(CkptCallback):
                 (directory / name).unlink()
         with contextlib.suppress(OSError):
             directory.rmdir()  # only if empty: anything else in it is not ours
+
+
+def _json_or_none(config: Any) -> str | None:
+    """``config`` as JSON, or None when it is empty or not JSON-able (a custom layer's)."""
+    if not config:
+        return None
+    try:
+        return json.dumps(config)
+    except (TypeError, ValueError):
+        return None

@@ -189,6 +189,7 @@ class ModelCheckpoint(CkptCallback):
         self._direction: Direction | None = None
         self._manager: ckptmgr.CheckpointManager | None = None
         self._last_step = -1
+        self._best_seen: float | None = None  # the engine's best when it was last closed
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen: int | None = None
 
@@ -203,7 +204,7 @@ class ModelCheckpoint(CkptCallback):
         tracker = self._manager.tracker if self._manager is not None else None
         if tracker is not None and tracker.best is not None:
             return tracker.best
-        return self.initial_value_threshold
+        return self._best_seen if self._best_seen is not None else self.initial_value_threshold
 
     @property
     def manager(self) -> ckptmgr.CheckpointManager | None:
@@ -254,6 +255,8 @@ class ModelCheckpoint(CkptCallback):
     def _close(self) -> None:
         manager, self._manager = self._manager, None
         if manager is not None:
+            if manager.tracker is not None and manager.tracker.best is not None:
+                self._best_seen = manager.tracker.best
             manager.close()
 
     # ------------------------------------------------------------------ saving

@@ -145,8 +145,9 @@ def test_save_best_only_remembers_the_best_across_restarts(tmp_path: Path, capsy
     second = fresh()
     second.optimizer.learning_rate.assign(0.0)
     callback = ck.ModelCheckpoint(str(path), save_best_only=True, verbose=1)
-    fit(second, [callback], epochs=2)
+    history = fit(second, [callback], epochs=2)
     assert path.read_bytes() == saved
+    assert callback.best is not None and callback.best < min(history.history["val_loss"])
     assert_same_weights(file_weights(path), best_weights)
     out = capsys.readouterr().out
     assert "Epoch 1: val_loss did not improve from" in out and "saving model" not in out
