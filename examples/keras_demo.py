@@ -51,6 +51,7 @@ def train(directory: Path) -> None:
     """One training process: resumes from ``directory``/backup if a backup is there."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
+
     from ckptmgr.adapters.keras import BackupAndRestore, EarlyStopping, ModelCheckpoint
 
     rng = np.random.default_rng(0)

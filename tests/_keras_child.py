@@ -21,9 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
-from ckptmgr.adapters.keras import BackupAndRestore, EarlyStopping, ModelCheckpoint
 
 import ckptmgr
+from ckptmgr.adapters.keras import BackupAndRestore, EarlyStopping, ModelCheckpoint
 
 EPOCHS = 10
 BATCH = 16
@@ -69,24 +69,30 @@ class Reporter(keras.callbacks.Callback):  # type: ignore[misc]
             raise SystemExit("not killed")
 
 
-def callbacks(directory: Path, save_freq: str | int) -> tuple[BackupAndRestore, EarlyStopping, ModelCheckpoint]:
+def callbacks(directory: Path, save_freq: str | int) -> list[Any]:
+    """BackupAndRestore, EarlyStopping and two ModelCheckpoints (by epoch; every 4 batches)."""
     backup = BackupAndRestore(directory / "backup", save_freq=save_freq)
     early = EarlyStopping(monitor="val_loss", min_delta=1.0, patience=3, restore_best_weights=True)
     checkpoint = ModelCheckpoint(
         str(directory / "models" / "model-{epoch:02d}-{val_loss:.3f}.keras"), keep=ckptmgr.KeepLast(2),
     )
-    return backup, early, checkpoint
+    # Its batch count must survive the kill too: the resumed run saves at the same batches.
+    by_batch = ModelCheckpoint(
+        str(directory / "weights" / "w-{epoch:02d}-{batch:02d}.weights.h5"), save_weights_only=True,
+        save_freq=4, monitor="loss", keep=ckptmgr.KeepLast(3),
+    )
+    return [backup, early, checkpoint, by_batch]
 
 
 def train(directory: Path, save_freq: str | int, block_at: tuple[int, int] | None = None) -> dict[str, Any]:
     x, y, vx, vy = data()
     model = make_model()
-    backup, early, checkpoint = callbacks(directory, save_freq)
-    # ModelCheckpoint and EarlyStopping before BackupAndRestore: the backup must still
-    # hold their state after the epoch/batch it records.
+    backup, early, checkpoint, by_batch = callbacks(directory, save_freq)
+    # ModelCheckpoint and EarlyStopping before and after BackupAndRestore: the backup
+    # must hold their state after the epoch/batch it records, whatever the order.
     history = model.fit(
         x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, validation_data=(vx, vy),
-        callbacks=[checkpoint, early, backup, Reporter(block_at)],
+        callbacks=[checkpoint, early, backup, by_batch, Reporter(block_at)],
     )
     return {
         "weights": model.get_weights(),
@@ -95,6 +101,7 @@ def train(directory: Path, save_freq: str | int, block_at: tuple[int, int] | Non
         "epochs_run": len(history.history["loss"]),
         "stopped_epoch": early.stopped_epoch,
         "files": sorted(p.name for p in (directory / "models").glob("*.keras")),
+        "weight_files": sorted(p.name for p in (directory / "weights").glob("*.weights.h5")),
     }
 
 
@@ -115,6 +122,7 @@ def main() -> None:
         epochs_run=result["epochs_run"],
         stopped_epoch=result["stopped_epoch"],
         files=np.array(result["files"]),
+        weight_files=np.array(result["weight_files"]),
     )
     print("done", flush=True)
 

@@ -13,9 +13,9 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import _keras_child as child  # noqa: E402
-from ckptmgr.adapters import keras as ck  # noqa: E402
 
 import ckptmgr  # noqa: E402
+from ckptmgr.adapters import keras as ck  # noqa: E402
 
 # Keras' own weight saving converts TF variables with np.array(copy=False), which
 # NumPy 2 reports as deprecated; both implementations call it, so it is not ours.

@@ -76,6 +76,7 @@ def _result(directory: Path) -> dict[str, Any]:
             "epochs_run": int(z["epochs_run"]),
             "stopped_epoch": int(z["stopped_epoch"]),
             "files": [str(f) for f in z["files"]],
+            "weight_files": [str(f) for f in z["weight_files"]],
         }
 
 
@@ -141,6 +142,9 @@ def test_resumed_run_ends_like_the_uninterrupted_one(runs: dict[str, dict[str, A
 def test_checkpoint_files_and_backup_after_resume(runs: dict[str, dict[str, Any]], name: str) -> None:
     run = runs[name]
     assert run["result"]["files"] == run["reference"]["files"] == ["model-07-0.351.keras", "model-08-0.229.keras"]
+    # Every 4 batches (40 in all): batches 32, 36, 40 of the run are kept, named by epoch and batch.
+    assert run["result"]["weight_files"] == run["reference"]["weight_files"] == [
+        "w-07-02.weights.h5", "w-08-01.weights.h5", "w-08-05.weights.h5"]
     reference_dir = run["dir"].parent / "reference"
     for file in run["result"]["files"]:
         ours = keras.models.load_model(run["dir"] / "models" / file).get_weights()
