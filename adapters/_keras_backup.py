@@ -320,13 +320,14 @@ class BackupAndRestore(CkptCallback):
         marker = {"format": _FORMAT, "version": _VERSION, "finished": True}
         manager.save(self._next_step(manager), marker, force=True)
         manager.wait()
+        manager.prune(ckptmgr.KeepLast(1))  # every backup but the marker
         infos = manager.checkpoints
         manager.close()
-        for info in infos:  # ascending: the marker goes last
+        for info in infos:
             with contextlib.suppress(FileNotFoundError):
                 info.path.unlink()
-        # The engine's own bookkeeping files (ckptmgr has no public call to remove a
-        # directory's checkpoints; see ckptmgr.storage for the names).
+        # The engine's own files go too. ckptmgr has no public call that removes a
+        # directory's last checkpoint and its bookkeeping; the names are storage's.
         from ckptmgr import storage
 
         directory = Path(manager.directory)
