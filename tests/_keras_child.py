@@ -88,11 +88,11 @@ def train(directory: Path, save_freq: str | int, block_at: tuple[int, int] | Non
     x, y, vx, vy = data()
     model = make_model()
     backup, early, checkpoint, by_batch = callbacks(directory, save_freq)
-    # ModelCheckpoint and EarlyStopping before and after BackupAndRestore: the backup
-    # must hold their state after the epoch/batch it records, whatever the order.
+    # Callbacks before and after BackupAndRestore: the backup must hold their state
+    # after the epoch/batch it records, whatever their order.
     history = model.fit(
         x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, validation_data=(vx, vy),
-        callbacks=[checkpoint, early, backup, by_batch, Reporter(block_at)],
+        callbacks=[checkpoint, backup, early, by_batch, Reporter(block_at)],
     )
     return {
         "weights": model.get_weights(),
