@@ -24,6 +24,15 @@ Differences from ``keras.callbacks`` worth knowing:
   trains on them twice; callbacks other than this package's see the replayed batches.
   ``save_freq=False`` never backs up on a schedule. The delete at the end of training
   removes only ckptmgr's files (Keras removes the whole directory).
+- A backup holds the state of this package's ``EarlyStopping`` and ``ModelCheckpoint``
+  in the same ``fit()`` as they are after the epoch or batch it records, whatever
+  their place in the ``callbacks=`` list (``BackupAndRestore`` lets them handle that
+  epoch or batch first). Other callbacks (``keras.callbacks.*``, your own) are not
+  backed up.
+- ``mode="auto"``: as in Keras, ``loss`` is minimised and compiled metrics say their
+  direction; other names are inferred from the name (``*acc*`` up, ``*error*`` down,
+  see :func:`ckptmgr.metrics.infer_mode`) where Keras raises, and a name that cannot be
+  told raises only where the direction is needed.
 - All three work on Keras' public API (``model.variables``, ``optimizer.variables``,
   ``keras.ops``), with one private attribute Keras' own ``BackupAndRestore`` uses too
   (``model._initial_epoch``), which this one resets when training ends.
