@@ -319,21 +319,8 @@ class BackupAndRestore(CkptCallback):
         """
         marker = {"format": _FORMAT, "version": _VERSION, "finished": True}
         manager.save(self._next_step(manager), marker, force=True)
-        manager.wait()
-        manager.prune(ckptmgr.KeepLast(1))  # every backup but the marker
-        infos = manager.checkpoints
-        manager.close()
-        for info in infos:
-            with contextlib.suppress(FileNotFoundError):
-                info.path.unlink()
-        # The engine's own files go too. ckptmgr has no public call that removes a
-        # directory's last checkpoint and its bookkeeping; the names are storage's.
-        from ckptmgr import storage
-
+        manager.delete_all()  # oldest first: the marker goes last
         directory = Path(manager.directory)
-        for name in (storage.INDEX_NAME, storage.LOCK_NAME):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / name).unlink()
         with contextlib.suppress(OSError):
             directory.rmdir()  # only if empty: anything else in it is not ours
 

@@ -365,7 +365,7 @@ class ModelCheckpoint(CkptCallback):
         self._last_step = step
         with warnings.catch_warnings():
             # Keras' own warning about a missing monitor was given above.
-            warnings.filterwarnings("ignore", message=r"ckptmgr: save\(step=\d+\) got no ", category=ckptmgr.CheckpointWarning)
+            warnings.simplefilter("ignore", ckptmgr.MissingMetricWarning)
             manager.save(step, ckptmgr.FilePayload(name, write), metrics=scalar_metrics(logs), force=True)
 
     # ------------------------------------------------------------ backed-up state

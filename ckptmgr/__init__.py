@@ -17,6 +17,7 @@ from .errors import (
     CheckpointWarning,
     CorruptCheckpointError,
     DirectoryLockedError,
+    MissingMetricWarning,
 )
 from .info import CheckpointInfo
 from .manager import CheckpointManager
@@ -53,6 +54,7 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "MetricTracker",
+    "MissingMetricWarning",
     "OnImprovement",
     "RetentionContext",
     "RetentionPolicy",

@@ -12,6 +12,7 @@ the builtin that describes them best, so callers can catch either::
 
     UserWarning
      └── CheckpointWarning
+          └── MissingMetricWarning
 
 Errors that come from the operating system (disk full, permission denied, read-only
 file system, I/O error) are raised as :class:`CheckpointIOError`, whose message names
@@ -59,6 +60,10 @@ class CheckpointIOError(CheckpointError, OSError):
 class CheckpointWarning(UserWarning):
     """Something was wrong but ckptmgr recovered (a corrupt checkpoint was skipped,
     a metric was missing or not finite, a leftover could not be removed, ...)."""
+
+
+class MissingMetricWarning(CheckpointWarning):
+    """``save()`` got metrics without the monitored one (filter this category to silence it)."""
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -23,6 +23,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWarning,
     CorruptCheckpointError,
+    MissingMetricWarning,
 )
 from .info import CheckpointInfo
 from .metrics import MetricTracker, Mode, is_finite_number
@@ -372,7 +373,7 @@ class CheckpointManager:
                     f"(got {sorted(metrics)}); "
                     + ("skipping: best_only needs it" if self._best_only and not force
                        else "the checkpoint is never ranked best"),
-                    CheckpointWarning,
+                    MissingMetricWarning,
                     stacklevel=2,
                 )
             improved = self._tracker.update(step, value)
@@ -494,6 +495,48 @@ class CheckpointManager:
             if self._lock is not None:
                 self._write_index()
             self._release()
+
+    def delete_all(self) -> None:
+        """Delete every checkpoint (the latest and the best too) and the index, then close.
+
+        For runs that want nothing left behind once they finish. Checkpoints go oldest
+        first, so a process killed part-way leaves the newest ones. Files that are not
+        ckptmgr's stay, and so does the directory.
+
+        Example:
+
+        >>> import ckptmgr, os, tempfile
+        >>> mgr = ckptmgr.CheckpointManager(tempfile.mkdtemp())
+        >>> _ = mgr.save(1, {"w": 1.0})
+        >>> mgr.delete_all()
+        >>> os.listdir(mgr.directory)
+        []
+
+        Raises:
+            CheckpointIOError: a file could not be deleted (the manager stays open).
+            CheckpointError: the manager is read-only or closed; a pending background
+                write failed.
+        """
+        self._check_writable()
+        self._wait_pending()
+        with self._mutex:
+            for step in sorted(self._records):
+                names = self._records[step].files
+                failures = storage.remove_files(self._directory, names)
+                failed = next((n for n in names if n in failures), None)
+                if failed is not None:
+                    raise storage.io_error("Cannot delete checkpoint", self._directory / failed, failures[failed])
+                del self._records[step]
+        storage.remove_files(self._directory, [storage.INDEX_NAME])
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._finalizer.detach()
+        if self._lock is not None:
+            # Unlinked while still held, so no other process can lock this file after
+            # we release it and believe it owns a directory we are deleting.
+            storage.remove_files(self._directory, [storage.LOCK_NAME])
+        self._release()
 
     def _release(self) -> None:
         if self._lock is not None and self._lock.is_locked:

@@ -23,9 +23,11 @@ from ckptmgr import (
     CheckpointWarning,
     EverySeconds,
     EverySteps,
+    FilePayload,
     KeepBest,
     KeepEvery,
     KeepLast,
+    MissingMetricWarning,
     OnImprovement,
 )
 from ckptmgr import codec as codec_module
@@ -723,3 +725,25 @@ def test_checkpoint_deleted_behind_the_writers_back(ckpt_dir: Path) -> None:
         assert mgr.restore() == {"s": 2}  # listed again: the newest that exists
         with pytest.raises(CheckpointNotFoundError):
             mgr.restore(3)
+
+
+def test_delete_all_removes_every_checkpoint_and_the_bookkeeping(ckpt_dir: Path) -> None:
+    mgr = CheckpointManager(ckpt_dir, monitor="val_loss")
+    (ckpt_dir / "notes.txt").write_text("not ours")
+    for step in (1, 2, 3):
+        mgr.save(step, {"s": step}, metrics={"val_loss": 1.0 / step})
+    mgr.save(4, FilePayload("model.bin", lambda p: p.write_bytes(b"w")), metrics={"val_loss": 0.1})
+    mgr.delete_all()
+    assert sorted(os.listdir(ckpt_dir)) == ["notes.txt"]
+    with pytest.raises(CheckpointError, match="closed"):
+        mgr.save(5, {"s": 5})
+    # The directory is free again, and empty of checkpoints.
+    with CheckpointManager(ckpt_dir) as again:
+        assert again.checkpoints == []
+
+
+def test_missing_metric_warning_is_its_own_category(ckpt_dir: Path) -> None:
+    with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr:
+        with pytest.warns(MissingMetricWarning, match="got no 'val_loss'"):
+            mgr.save(1, {"s": 1}, metrics={"loss": 0.3})
+        assert mgr.best is None and mgr.checkpoints[0].step == 1

@@ -27,6 +27,7 @@ EXPECTED_ALL = [
     "KeepEvery",
     "KeepLast",
     "MetricTracker",
+    "MissingMetricWarning",
     "OnImprovement",
     "RetentionContext",
     "RetentionPolicy",
@@ -63,6 +64,7 @@ def test_version() -> None:
         (ckptmgr.DirectoryLockedError, (ckptmgr.CheckpointError, BlockingIOError)),
         (ckptmgr.CheckpointIOError, (ckptmgr.CheckpointError, OSError)),
         (ckptmgr.CheckpointWarning, (UserWarning,)),
+        (ckptmgr.MissingMetricWarning, (ckptmgr.CheckpointWarning,)),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
 )
