@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (only Python, pip and git needed):
-#   make demo   a real training run, killed with SIGKILL part-way, that resumes
+#   make demo   a real Keras training run, killed with SIGKILL mid-epoch, that resumes
+#               exactly (and is compared with an uninterrupted run)
 #   make test   the whole test suite (installs everything it needs first)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-ci.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-numpy test bench clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	touch $@
 
 demo: $(STAMP)
+	$(PY) examples/keras_demo.py
+
+demo-numpy: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
