@@ -1,0 +1,212 @@
+"""Crashes at chosen and at random instants: invariants 1, 2, 5 and 6 under ``kill -9``.
+
+Two harnesses, both on real child processes and real files:
+
+- Deterministic crash points. A child runs a workload with every call of the commit
+  protocol hooked (write, fsync, rename, directory fsync, index update, delete; for
+  payloads each phase of the two-phase commit; the async writer's thread; a writer's
+  recovery at open) and ends itself with ``os._exit`` right before or right after the
+  n-th call, for every n. Each crash is checked, first as a reader sees it (before any
+  writer cleans up), then after a writer reopens, then once more after the next save.
+- Random SIGKILLs. A child runs a workload in a loop (resuming from the directory's
+  latest checkpoint each time) and the parent kills it at a random instant: during
+  start-up and recovery, inside a save, inside retention, inside an index update, inside
+  a payload commit, inside the async writer. A shared byte says where each kill landed.
+
+test_crash.py (another harness) kills a plain save loop in subprocesses; this one adds
+the workloads above, the deterministic points and the reader's view right after a kill.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from _reliability import (
+    CRASH_EXIT,
+    PLANS,
+    ChildRun,
+    Marker,
+    check_reader_view,
+    check_writer_view,
+    codec_sidecar,
+    copy_directory,
+    crash_child,
+    drain,
+    processes,
+    record,
+    run_child,
+)
+
+# Deterministic workloads: (plan, steps saved before the crash child starts, steps the
+# crash child saves). The first steps are set up once; every crash run starts from a copy.
+DETERMINISTIC = [
+    pytest.param("native", 2, 2, id="native-save-retention-index"),
+    pytest.param("native-async", 2, 2, id="async-writer"),
+    pytest.param("retention", 2, 2, id="retention-keep-last-1"),
+    pytest.param("index", 2, 2, id="index-update-on-prune"),
+    pytest.param("payload", 5, 2, id="payload-two-phase-commit"),
+]
+
+
+def _setup(directory: Path, plan: str, steps: int) -> None:
+    if steps:
+        run = run_child(directory, plan, {"steps": steps})
+        assert run.exitcode == 0 and run.done, run.error
+
+
+def _crash_points(template: Path, work: Path, plan_name: str, steps: int) -> tuple[list[str], Counter[str]]:
+    """Trace the workload from ``template``, then crash it before and after every call."""
+    plan = PLANS[plan_name]
+    trace = run_child(copy_directory(template, work / "trace"), plan_name, {"steps": steps, "trace": True})
+    assert trace.exitcode == 0 and trace.done, trace.error
+    labels = trace.trace
+    findings: Counter[str] = Counter()
+    failures = []
+    for n, label in enumerate(labels):
+        for when in ("before", "after"):
+            directory = copy_directory(template, work / f"crash-{n}-{when}")
+            run = run_child(directory, plan_name, {"steps": steps, "crash": (n, when)})
+            where = f"crash {when} call {n} ({label})"
+            try:
+                assert run.exitcode == CRASH_EXIT, f"exit {run.exitcode}, not the crash: {run.error}"
+                check_reader_view(directory, plan, findings)
+                check_writer_view(directory, plan, run.promised, findings, save_next=True)
+            except AssertionError as exc:
+                failures.append(f"{where}: {exc}")
+            findings[f"point: {when} {label}"] += 1
+            shutil.rmtree(directory)
+    assert failures == [], "\n".join(failures)
+    return labels, findings
+
+
+@pytest.mark.parametrize(("plan_name", "before", "steps"), DETERMINISTIC)
+def test_crash_before_and_after_every_protocol_call(tmp_path: Path, plan_name: str, before: int,
+                                                    steps: int) -> None:
+    template = tmp_path / "template"
+    _setup(template, plan_name, before)
+    labels, findings = _crash_points(template, tmp_path, plan_name, steps)
+    kinds = {label.split()[0] for label in labels}
+    assert {"write", "fsync", "rename", "index"} <= kinds, labels
+    if plan_name != "native-async":
+        assert "unlink" in kinds, labels  # the workload reaches retention
+    record("crash-points", f"deterministic[{plan_name}]", {
+        "calls": len(labels), "crash points": 2 * len(labels), **findings,
+    })
+
+
+def test_crash_before_and_after_every_call_of_recovery_at_open(tmp_path: Path) -> None:
+    """A writer opens a directory with an interrupted payload commit (its file renamed,
+    its metadata not yet), leftovers of interrupted saves and a sidecar whose payload is
+    gone; it is crashed at every call of finishing, cleaning up and rewriting the index."""
+    template = tmp_path / "template"
+    _setup(template, "payload", 5)
+    # Interrupt step 6 (it replaces step 3's payload) between its two renames.
+    probe = run_child(copy_directory(template, tmp_path / "probe"), "payload", {"steps": 1, "trace": True})
+    n = probe.trace.index("rename payload-tmp>payload")
+    run = run_child(template, "payload", {"steps": 1, "crash": (n, "after")})
+    assert run.exitcode == CRASH_EXIT
+    assert len([p for p in os.listdir(template) if p.endswith(".commit")]) == 1
+    (template / ".ckpt-00000000000000aa.tmp").write_bytes(b"half a checkpoint")
+    (template / ".ckpt-00000000000000bb.tmp-model-99.bin").write_bytes(b"half a payload")
+    (template / codec_sidecar("gone.bin")[0]).write_bytes(codec_sidecar("gone.bin")[1])
+    labels, findings = _crash_points(template, tmp_path, "payload", 1)
+    assert labels[0] == "rename commit>sidecar", labels  # the commit is finished first
+    assert {"unlink tmp", "unlink payload-tmp", "unlink sidecar", "index index"} <= set(labels), labels
+    record("crash-points", "deterministic[recovery-at-open]", {
+        "calls": len(labels), "crash points": 2 * len(labels), **findings,
+    })
+
+
+# ------------------------------------------------------------------ random kills
+
+
+KILL_PLANS = ["save", "retention", "index", "payload", "async"]
+DEFAULT_KILLS = 45  # per workload: 225 in the default run
+SLOW_KILLS = 250  # per workload: 1,250 with -m slow
+
+
+def _wait_until(conn_run: tuple[object, ChildRun], deadline: float) -> bool:
+    conn, run = conn_run
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not drain(conn, run, remaining):  # type: ignore[arg-type]
+            return False
+    return True
+
+
+def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter[str]:
+    plan = PLANS[plan_name]
+    directory = tmp_path / plan_name
+    marker_path = str(tmp_path / f"{plan_name}.marker")
+    marker = Marker(marker_path)
+    rng = random.Random(seed)
+    ctx = processes()
+    findings: Counter[str] = Counter()
+    promised: set[int] = set()
+    startup, per_save = 0.05, 0.05
+    while findings["kills"] < kills:
+        marker.restore(0)
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=crash_child, args=(child, str(directory), plan_name, {"marker": marker_path}),
+                           daemon=True)
+        started = time.monotonic()
+        proc.start()
+        child.close()
+        run = ChildRun()
+        if rng.random() < 0.15:
+            # During start-up: lock, recovery of interrupted commits, clean-up, index, restore.
+            findings["kills during start-up"] += 1
+            alive = _wait_until((parent, run), started + rng.uniform(0.0, startup * 1.5))
+        else:
+            alive = True
+            while alive and run.ready is None:
+                alive = drain(parent, run, 60.0)
+            startup = 0.8 * startup + 0.2 * (time.monotonic() - started)
+            wanted, begun = rng.randint(0, 3), time.monotonic()
+            while alive and len(run.promised) < wanted:
+                alive = drain(parent, run, 60.0)
+            if wanted and run.promised:
+                per_save = 0.8 * per_save + 0.2 * (time.monotonic() - begun) / len(run.promised)
+            if alive:
+                alive = _wait_until((parent, run), time.monotonic() + rng.uniform(0.0, per_save * 1.5))
+        proc.kill()
+        proc.join(60)
+        while drain(parent, run, 5.0):
+            pass
+        parent.close()
+        assert proc.exitcode == -signal.SIGKILL, (
+            f"the child exited with {proc.exitcode} before the kill:\n{run.error}"
+        )
+        findings["kills"] += 1
+        findings[f"landed: {marker.read()}"] += 1
+        promised |= run.promised
+        check_reader_view(directory, plan, findings)
+        latest = check_writer_view(copy_directory(directory, tmp_path / "check"), plan, promised, findings)
+        findings["checkpoints committed"] = latest
+    findings["steps promised"] = len(promised)
+    return findings
+
+
+def _kills(tmp_path: Path, kills: int, seed: int) -> None:
+    print(f"seed={seed}")
+    for plan_name in KILL_PLANS:
+        findings = _kill_loop(tmp_path, plan_name, kills, seed)
+        assert findings["checkpoints committed"] > kills // 3, findings  # the kills landed in a working loop
+        record("random-kills", f"sigkill[{plan_name}]", findings)
+
+
+def test_sigkill_at_random_instants_of_every_workload(tmp_path: Path) -> None:
+    seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or 20240611
+    _kills(tmp_path, DEFAULT_KILLS, seed)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_of_every_workload_long(tmp_path: Path) -> None:
+    seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or random.randrange(2**32)
+    _kills(tmp_path, SLOW_KILLS, seed)
