@@ -257,7 +257,10 @@ def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -
     try:
         fsync_directory(directory)
     except OSError as exc:
-        # The file is complete under its final name, but the rename may not be durable.
+        # The rename may not be durable. Undo it, so that a save that raised leaves no
+        # checkpoint its caller does not know of (a crash before the undo leaves a
+        # complete one, as any crash after the rename does).
+        _discard(final)
         raise io_error("Cannot make checkpoint durable (fsync of directory)", final, exc) from exc
     return result
 
@@ -310,9 +313,11 @@ def commit_payload(
     Returns ``(size, crc)`` of the payload.
 
     Raises:
-        CheckpointIOError: an OS error; nothing committed earlier is touched, except
-            when the payload was renamed and the sidecar could not be: then the commit
-            record stays and the next writer finishes the commit.
+        CheckpointIOError: an OS error. Nothing of this commit stays: when the payload
+            was already renamed (replacing an earlier payload of the same name, if any),
+            it and its metadata are removed again, so that a save that raised leaves no
+            checkpoint its caller does not know of. If even that fails, the commit
+            record stays and the next writer finishes the commit, as after a crash.
     """
     final = directory / name
     commit = directory / f".ckpt-{secrets.token_hex(8)}.commit"
@@ -332,10 +337,21 @@ def commit_payload(
         if isinstance(exc, OSError):
             raise io_error("Cannot write checkpoint", final, exc) from exc
         raise
+    sidecar = directory / sidecar_name(name)
     try:
-        os.replace(commit, directory / sidecar_name(name))
+        os.replace(commit, sidecar)
         fsync_directory(directory)
     except OSError as exc:
+        # Undo, payload first: a crash in between leaves metadata without a payload,
+        # which the next writer removes (or a commit record it discards).
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)
+        except OSError:
+            pass  # the record stays; the next writer finishes the commit
+        else:
+            _discard(commit)
+            _discard(sidecar)
         raise io_error("Cannot commit checkpoint", final, exc) from exc
     return size, crc
 
@@ -379,10 +395,18 @@ def _discard(path: Path) -> None:
 
 
 def remove_files(directory: Path, names: Iterable[str]) -> dict[str, OSError]:
-    """Delete ``names`` in ``directory``, fsync it once; return the failures by name."""
+    """Delete ``names`` in ``directory``, fsync it once; return the failures by name.
+
+    A payload's sidecar listed after a payload that could not be deleted is kept (and
+    not reported): the checkpoint stays whole, rather than an untracked payload file
+    that nothing would ever delete.
+    """
     failures: dict[str, OSError] = {}
     removed = False
+    kept: set[str] = set()
     for name in names:
+        if name in kept:
+            continue
         try:
             os.unlink(directory / name)
             removed = True
@@ -390,6 +414,7 @@ def remove_files(directory: Path, names: Iterable[str]) -> dict[str, OSError]:
             pass
         except OSError as exc:
             failures[name] = exc
+            kept.add(sidecar_name(name))
     if removed:
         try:
             fsync_directory(directory)
