@@ -202,6 +202,7 @@ class Bench:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.counter = 0
         self._last_raw = math.nan
+        self.paired_copy: list[float] = []
         self.keep: dict[str, Path] = {}  # one saved copy per format, for the restore rows
 
     def fresh(self, name: str) -> Path:
@@ -254,6 +255,9 @@ class Bench:
     def save_ckpt(self, async_save: bool) -> tuple[float, float, Path]:
         directory = self.fresh("ckptmgr-async" if async_save else "ckptmgr")
         mgr = ckptmgr.CheckpointManager(directory, async_save=async_save)
+        if async_save:
+            # The same copy just before, in the same conditions: the paired reference.
+            self.paired_copy.append(self.copy_state()[0])
         try:
             t0 = time.perf_counter()
             info = mgr.save(1, self.state, force=True)
@@ -432,6 +436,9 @@ def run_size(nbytes_target: int, scratch: Path, reps: int, keras: bool, cold: bo
         "save_call": {n: median(v) for n, v in calls.items()},
         "save_durable": {n: median(v) for n, v in durable.items()},
         "save_durable_all": durable,
+        "save_call_all": calls,
+        "async_vs_paired_copy": median([c / p for c, p in zip(calls["ckptmgr async save"], bench.paired_copy,
+                                                               strict=True)]),
         "restore_warm": {n: median(v) for n, v in warm.items()},
         "restore_cold": {n: median(v) for n, v in coldt.items() if v},
         "restore_warm_all": warm,
@@ -594,6 +601,7 @@ def bench_callbacks(batches: int, reps: int) -> dict[str, Any]:
     out["fit"] = {
         n: {"seconds": median(t), "per_batch_us": median(t) / batches * 1e6,
             "overhead": median(t) / base - 1.0, "cpu_overhead": median(cpu[n]) / cpu_base - 1.0,
+            "min_overhead": min(t) / min(times["fit() without callbacks"]) - 1.0,
             "spread": (max(t) - min(t)) / median(t)}
         for n, t in times.items() if n not in failed
     }
@@ -840,7 +848,10 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
         r = d["limit: dd conv=fsync"] / d["ckptmgr sync save"]
         out.append((f"durable sync save vs dd conv=fsync, {mb}", r, ">= 0.90x", r >= 0.90))
         r = c["ckptmgr async save"] / c["limit: numpy copy"]
-        out.append((f"async save() blocking vs numpy copy, {mb}", r, "<= 1.5x", r <= 1.5))
+        out.append((f"async save() blocking vs numpy copy (row medians), {mb}", r, "<= 1.5x", r <= 1.5))
+        r = s["async_vs_paired_copy"]
+        out.append((f"async save() blocking vs numpy copy just before it (median of pairs), {mb}", r, "<= 1.5x",
+                    r <= 1.5))
         r = w["h5py read (raw)"] / w["ckptmgr restore (verified)"]
         out.append((f"verified restore vs raw h5py read (warm), {mb}", r, ">= 0.75x", r >= 0.75))
         if s["restore_cold"]:
@@ -895,9 +906,10 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             batch_us = base / cb["batches"] * 1e6
             direct = cb.get("direct_us", {})
             lines += [f"### Callback cost in fit() when not saving ({cb['batches']} batches per epoch)", "",
-                      *table(["callbacks", "fit() epoch", "per batch", "overhead (wall)", "overhead (CPU)",
-                              "run-to-run spread", "hooks called directly", "of a batch"],
+                      *table(["callbacks", "fit() epoch", "per batch", "overhead (wall)", "(fastest run)",
+                              "overhead (CPU)", "run-to-run spread", "hooks called directly", "of a batch"],
                              [[n, fmt_t(v["seconds"]), f"{v['per_batch_us']:.0f} us", f"{v['overhead'] * 100:+.1f} %",
+                               f"{v['min_overhead'] * 100:+.1f} %",
                                f"{v['cpu_overhead'] * 100:+.1f} %", f"{v['spread'] * 100:.0f} %",
                                f"{direct[n]:.2f} us" if n in direct else "",
                                f"{direct[n] / batch_us * 100:.3f} %" if n in direct else ""]
