@@ -749,6 +749,21 @@ def _build(spec: Any, leaf_value: Callable[[dict[str, Any], str], Any], where: s
     return build(spec, "/" + STATE, 0)
 
 
+def _check_claimed_bytes(f: h5py.File, spec: Any, where: str) -> None:
+    """Refuse a tree (validating it) whose arrays add up to more bytes than the file has.
+
+    Each leaf's dataset must store exactly its bytes, but HDF5 hard links (or crafted
+    layouts) can put one stored dataset under many names: reading each would allocate
+    its size again, a 1 MB file making the reader allocate gigabytes.
+    """
+    total = 0
+    for _keys, _h5path, node in iter_leaves(spec, where):
+        total += math.prod(_validate_shape(node, where)) * _dtype_from_str(node.get("dtype"), where).itemsize
+    size = f.id.get_filesize()
+    if total > size:
+        raise CorruptCheckpointError(f"{where}: the tree claims {total} bytes of arrays, the file has {size}")
+
+
 def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tree, dict[str, Any]]:
     """Read a checkpoint file; return ``(tree, manifest)``.
 
@@ -765,8 +780,7 @@ def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tre
         manifest = _read_manifest(f, where)
         spec = manifest.get("tree")
         # Validate the whole description before allocating anything.
-        for _ in iter_leaves(spec, where):
-            pass
+        _check_claimed_bytes(f, spec, where)
         crc = _leaf_checksum(manifest, where) if verify else None
 
         def leaf_value(node: dict[str, Any], h5path: str) -> Any:
@@ -799,6 +813,7 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     where = os.fspath(path)
     with _reading(where), _open(path) as f:
         manifest = _read_manifest(f, where)
+        _check_claimed_bytes(f, manifest.get("tree"), where)
         crc = _leaf_checksum(manifest, where)
         with _verifying(crc, where) as verifier:
             for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
@@ -847,4 +862,10 @@ def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
         or type(meta.get("crc32")) is not int
     ):
         raise CorruptCheckpointError(f"{where}: malformed metadata")
+    try:
+        # The payload's path is the directory plus this name: "../x" or "a/b" would
+        # make readers verify and return, and retention delete, a file elsewhere.
+        storage.check_payload_name(meta["name"])
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: malformed metadata (payload name {meta['name']!r})") from exc
     return meta

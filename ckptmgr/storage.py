@@ -28,6 +28,7 @@ matches the record's checksum, and discards one whose payload is not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ import re
 import secrets
 import stat
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,8 +372,7 @@ def recover_commits(
     for commit_name in commits:
         commit = directory / commit_name
         try:
-            with open(commit, "rb") as fh:
-                meta = parse(fh.read(1024 * 1024))
+            meta = parse(read_small(commit, 1024 * 1024))
             name = check_payload_name(meta["name"])
             payload = directory / name
             if stat.S_ISREG(os.lstat(payload).st_mode) and file_checksum(payload, checksum) == (
@@ -477,9 +478,17 @@ def scan(directory: Path) -> Iterator[Entry]:
 
 
 def read_small(path: Path, limit: int = 1024 * 1024) -> bytes:
-    """The content of a small regular file (not following a symlink), at most ``limit`` bytes."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    """The content of a small regular file (not following a symlink), at most ``limit`` bytes.
+
+    Raises:
+        OSError: it cannot be read, or is not a regular file (a FIFO planted under the
+            name would otherwise block the reader forever; a symbolic link would make
+            it read outside the directory).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Not a regular file", os.fspath(path))
         return fh.read(limit)
 
 
@@ -496,25 +505,60 @@ def file_mtime(path: Path) -> float:
     return os.lstat(path).st_mtime
 
 
-def load_index(directory: Path) -> dict[str, Any]:
-    """The cached metadata by file name; empty when the index is missing or damaged."""
+def _index_body(entries: dict[str, Any]) -> str:
+    return json.dumps(entries, separators=(",", ":"))
+
+
+def _valid_index_entry(name: str, entry: Any) -> bool:
+    """Whether a cached entry can describe the file ``name`` at all: a checkpoint's
+    step is the one its name says, a sidecar's payload name is valid and hashes to it."""
+    meta = entry.get("meta") if isinstance(entry, dict) else None
+    if not isinstance(meta, dict):
+        return False
+    step = parse_name(name)
+    if step is not None:
+        return type(meta.get("step")) is int and meta["step"] == step
+    if not _SIDECAR_RE.fullmatch(name):
+        return False
     try:
-        with open(directory / INDEX_NAME, "rb") as fh:
-            data = json.loads(fh.read(64 * 1024 * 1024))
+        return sidecar_name(check_payload_name(meta.get("name"))) == name
+    except ValueError:
+        return False
+
+
+def load_index(directory: Path) -> dict[str, Any]:
+    """The cached metadata by file name; empty when the index is missing or damaged.
+
+    The index has a CRC of its entries (a flipped digit in a cached metric must not
+    change which checkpoint is best), and entries that cannot describe their file (a
+    payload name outside the directory, a step its file name contradicts) are left
+    out, so that the file itself is read instead.
+    """
+    try:
+        data = json.loads(read_small(directory / INDEX_NAME, 64 * 1024 * 1024))
     except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
         return {}
     entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict) or type(data.get("crc32")) is not int:
+        return {}
+    try:
+        if zlib.crc32(_index_body(entries).encode("utf-8")) != data["crc32"]:
+            return {}
+    except (ValueError, RecursionError):
+        return {}
+    return {name: entry for name, entry in entries.items() if _valid_index_entry(name, entry)}
 
 
 def save_index(directory: Path, entries: dict[str, Any]) -> None:
     """Replace the index atomically. It is a cache: not fsynced, errors ignored."""
     tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp"
     try:
+        body = _index_body(entries)
+        crc = zlib.crc32(body.encode("utf-8"))
         with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump({"version": INDEX_VERSION, "entries": entries}, fh, separators=(",", ":"))
+            fh.write(f'{{"version":{INDEX_VERSION},"crc32":{crc},"entries":{body}}}')
         os.replace(tmp, directory / INDEX_NAME)
     except OSError:
         with contextlib.suppress(OSError):
