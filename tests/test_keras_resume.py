@@ -89,8 +89,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         out[name]["printed"] = _read_until_ready(proc)
         proc.send_signal(signal.SIGKILL)
         out[name]["killed_status"] = proc.wait()
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
         proc.stdout.close()
+        proc.stdin.close()
         backup = out[name]["dir"] / "backup"
         out[name]["after_kill"] = sorted(p.name for p in backup.iterdir() if not p.name.startswith(".ckptmgr"))
         with ckptmgr.CheckpointManager(backup, read_only=True) as reader:
