@@ -521,11 +521,11 @@ class CheckpointManager:
         self._wait_pending()
         with self._mutex:
             for step in sorted(self._records):
-                names = self._records[step].files
-                failures = storage.remove_files(self._directory, names)
-                failed = next((n for n in names if n in failures), None)
-                if failed is not None:
-                    raise storage.io_error("Cannot delete checkpoint", self._directory / failed, failures[failed])
+                record = self._records[step]
+                failures = storage.remove_files(self._directory, record.files)
+                own = record.info.path.name
+                if own in failures:
+                    raise storage.io_error("Cannot delete checkpoint", record.info.path, failures[own])
                 del self._records[step]
         storage.remove_files(self._directory, [storage.INDEX_NAME])
         self._closed = True
@@ -659,9 +659,11 @@ class CheckpointManager:
             removed, doomed = doomed, []
         failures = self._delete_files([f for info in doomed for f in self._records[info.step].files])
         for info in doomed:
-            failed = [failures[f] for f in self._records[info.step].files if f in failures]
-            if failed:
-                kept[info.step] = [f"not deleted: {failed[0]}"]
+            # Judged by the checkpoint's own file: a payload's sidecar left behind is an
+            # orphan that the next writer's open removes.
+            failed = failures.get(info.path.name)
+            if failed is not None:
+                kept[info.step] = [f"not deleted: {failed}"]
             else:
                 del self._records[info.step]
                 removed.append(info)

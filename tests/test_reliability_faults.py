@@ -235,11 +235,6 @@ def test_every_call_failing_with_the_clean_up_failing_too(templates: dict[str, P
     record("faults", f"clean-up-failing-too[{kind}-{mode}]", findings)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: manager.py _apply_retention keeps the record of a payload checkpoint as 'not deleted' "
-    "when its payload file was deleted and only its sidecar could not be; readers and the next "
-    "writer no longer list it. Fix: judge a deletion by the checkpoint's own file "
-    "(record.files[0]); a sidecar left behind is an orphan the next open removes."))
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_payload_sidecar_delete_failing(templates: dict[str, Path], tmp_path: Path, mode: str) -> None:
     labels = _trace(templates["payload"], tmp_path / "trace", "payload", mode)
@@ -395,3 +390,24 @@ def test_disk_full_during_payload_saves(tmpfs: tuple[Path, Callable[[str], None]
             assert reader.restore(s).read_bytes() == payload_bytes(s, 150_000)
     record("faults", f"disk-full-payload[{mode}]", {"saves before ENOSPC": len(saved)})
 
+
+def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a file the OS cannot read (EIO, EACCES) is an I/O error, not corruption:
+    the manager does not skip past it as if it were damaged."""
+    run = tmp_path / "run"
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, {"a": 1})
+        mgr.save(2, {"a": 2})
+    real = h5py.File
+
+    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(path).endswith("ckpt-000000002.h5"):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", failing)
+    reader = CheckpointManager(run, read_only=True)
+    with pytest.raises(ckptmgr.CheckpointIOError, match="EIO") as excinfo:
+        reader.restore()
+    assert str(run / "ckpt-000000002.h5") in str(excinfo.value)
+    assert reader.restore(1) == {"a": 1}
