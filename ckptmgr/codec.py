@@ -716,6 +716,8 @@ def iter_leaves(spec: Any, where: str = "") -> Iterator[tuple[tuple[str | int, .
                     children.append((item[1], (*keys, item[0]), f"{h5path}/{_child_name(item[0], position)}"))
                 else:
                     children.append((item, (*keys, position), f"{h5path}/{position}"))
+            if kind == "dict" and len({child[1][-1] for child in children}) != len(children):
+                raise CorruptCheckpointError(f"{where}: duplicate dict keys at {_keystr(keys)}")
             stack.extend(reversed(children))
         elif kind == "none":
             continue

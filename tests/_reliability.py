@@ -118,6 +118,7 @@ class Plan:
     payload: bool = False
     async_save: bool = False
     prune: bool = False
+    share: bool = True  # payloads: every third step reuses one name
 
     def open(self, directory: str | os.PathLike[str], **kwargs: Any) -> ckptmgr.CheckpointManager:
         return ckptmgr.CheckpointManager(
@@ -128,10 +129,10 @@ class Plan:
     def file_name(self, step: int) -> str:
         if not self.payload:
             return storage.checkpoint_name(step)
-        return SHARED_NAME if step % 3 == 0 else f"model-{step}.bin"
+        return SHARED_NAME if self.shared(step) else f"model-{step}.bin"
 
     def shared(self, step: int) -> bool:
-        return self.payload and step % 3 == 0
+        return self.payload and self.share and step % 3 == 0
 
     def metric(self, step: int) -> float:
         return metric_for(step, self.shared(step))
@@ -192,6 +193,7 @@ PLANS: dict[str, Plan] = {
     "retention": Plan("retention", keep_last=1, array_len=200),
     "index": Plan("index", keep_last=2, array_len=200, prune=True),
     "payload": Plan("payload", keep_last=3, payload=True),
+    "payload-unique": Plan("payload-unique", keep_last=2, payload=True, share=False),
     "async": Plan("async", keep_last=2, array_len=40_000, async_save=True),
 }
 
@@ -748,3 +750,41 @@ def errno_name(code: int) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def reader_child(conn: Connection, directory: str, plan_name: str, restores: int, which: str) -> None:
+    """Restore ``which`` ("latest", "best" or "each": every listed step) ``restores``
+    times from a directory another process writes to; report what was seen. Any warning
+    or error is reported as a failure, and so is a tree that is not exactly the one
+    saved at the step the manager says it restored."""
+    plan = PLANS[plan_name]
+    seen: Counter[int] = Counter()
+    stale = 0
+    try:
+        warnings.simplefilter("error")
+        mgr = ckptmgr.CheckpointManager(directory, read_only=True, monitor=MONITOR)
+        conn.send(("ready", None))
+        for _ in range(restores):
+            if which == "each":
+                steps = [c.step for c in mgr.checkpoints]
+                step = steps[len(steps) // 2]
+                try:
+                    value = mgr.restore(step)
+                except ckptmgr.CheckpointNotFoundError:
+                    stale += 1  # deleted by retention since the listing: allowed for a step asked by number
+                    continue
+            else:
+                value = mgr.restore("best" if which == "best" else "latest")
+                assert mgr.restored is not None
+                step = mgr.restored.step
+            try:
+                plan.check_content(mgr, step, value)
+            except FileNotFoundError:
+                stale += 1  # a payload's path, deleted by retention after restore returned it
+                continue
+            seen[step] += 1
+        conn.send(("done", {"restores": restores, "distinct steps": len(seen), "stale": stale}))
+    except BaseException:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))

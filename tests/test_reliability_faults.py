@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import pytest
 from _reliability import (
     MONITOR,
@@ -196,8 +197,6 @@ def test_every_call_of_a_save_failing(templates: dict[str, Path], tmp_path: Path
     failures = []
     for target in _targets(labels):
         label = labels[target]
-        if label == "unlink sidecar":
-            continue  # test_payload_sidecar_delete_failing (a manager bug)
         for code in ERRNOS:
             directory = tmp_path / f"{target}-{code}"
             try:
@@ -233,15 +232,6 @@ def test_every_call_failing_with_the_clean_up_failing_too(templates: dict[str, P
     assert failures == [], "\n".join(failures)
     assert findings["left behind (clean-up failing too), handled at the next open"] > 0
     record("faults", f"clean-up-failing-too[{kind}-{mode}]", findings)
-
-
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_payload_sidecar_delete_failing(templates: dict[str, Path], tmp_path: Path, mode: str) -> None:
-    labels = _trace(templates["payload"], tmp_path / "trace", "payload", mode)
-    target = labels.index("unlink sidecar")
-    findings: Counter[str] = Counter()
-    _one_fault(templates["payload"], tmp_path / "run", "payload", mode, target, "unlink sidecar", errno.EIO,
-               cleanup_fails=False, findings=findings)
 
 
 @pytest.mark.parametrize("code", ERRNOS, ids=[errno.errorcode[c] for c in ERRNOS])
