@@ -193,20 +193,20 @@ def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter
     return findings
 
 
-def _kills(tmp_path: Path, kills: int, seed: int) -> None:
+def _kills(tmp_path: Path, kills: int, seed: int, name: str) -> None:
     print(f"seed={seed}")
     for plan_name in KILL_PLANS:
         findings = _kill_loop(tmp_path, plan_name, kills, seed)
         assert findings["checkpoints committed"] > kills // 3, findings  # the kills landed in a working loop
-        record("random-kills", f"sigkill[{plan_name}]", findings)
+        record("random-kills", f"{name}[{plan_name}]", findings)
 
 
 def test_sigkill_at_random_instants_of_every_workload(tmp_path: Path) -> None:
     seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or 20240611
-    _kills(tmp_path, DEFAULT_KILLS, seed)
+    _kills(tmp_path, DEFAULT_KILLS, seed, "sigkill")
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_instants_of_every_workload_long(tmp_path: Path) -> None:
     seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or random.randrange(2**32)
-    _kills(tmp_path, SLOW_KILLS, seed)
+    _kills(tmp_path, SLOW_KILLS, seed, "sigkill-long")

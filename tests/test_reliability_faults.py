@@ -204,6 +204,7 @@ def test_every_call_of_a_save_failing(templates: dict[str, Path], tmp_path: Path
                            findings=findings)
             except AssertionError as exc:
                 failures.append(f"{label} (call {target}) failing with {errno.errorcode[code]}: {exc}")
+            findings["faults injected"] += 1
             findings[f"injected: {label.split()[0]}"] += 1
             findings[f"injected: {errno.errorcode[code]}"] += 1
     assert failures == [], "\n".join(failures)
@@ -228,6 +229,7 @@ def test_every_call_failing_with_the_clean_up_failing_too(templates: dict[str, P
                        cleanup_fails=True, findings=findings)
         except AssertionError as exc:
             failures.append(f"{label} (call {target}) failing, then every unlink: {exc}")
+        findings["faults injected"] += 1
         findings[f"injected: {label.split()[0]}"] += 1
     assert failures == [], "\n".join(failures)
     assert findings["left behind (clean-up failing too), handled at the next open"] > 0
@@ -258,7 +260,8 @@ def test_index_update_failing_is_harmless(templates: dict[str, Path], tmp_path: 
             assert [c.step for c in again.checkpoints] == [2, 3]
             _check_content(again, "native", 3)
     labels_seen = [labels[t] for t in targets]
-    record("faults", f"index-update[{errno.errorcode[code]}]", {"faults": len(labels_seen)})
+    record("faults", f"index-update[{errno.errorcode[code]}]", {
+        "faults injected": len(labels_seen), **Counter(f"injected: {label.split()[0]}" for label in labels_seen)})
 
 
 # ------------------------------------------------------------- real file systems

@@ -390,7 +390,7 @@ def test_hostile_file_is_refused(tmp_path: Path, outside: Outside, craft: Craft,
             with pytest.warns(CheckpointWarning, match=str(bad)):
                 assert_tree_equal(reader.restore(), state_for(0, 100))
     outside.check()
-    record("hostile", "hostile-files", {"refused": 1, "reads (file, verify, 2 managers)": 4})
+    record("hostile", "hostile HDF5 files", {"cases": 1, "refused by read_file, verify_file, a reader, a writer": 4})
 
 
 def test_the_hostile_files_in_a_child_under_an_address_space_limit(tmp_path: Path) -> None:
@@ -420,7 +420,8 @@ def test_the_hostile_files_in_a_child_under_an_address_space_limit(tmp_path: Pat
     assert others == [], others
     assert refused == len(paths)
     assert grown < 96 * 1024 * 1024, f"max RSS grew by {grown} bytes"
-    record("hostile", "address-space-limit", {"files read": len(paths), "max RSS growth, KiB": grown // 1024})
+    record("hostile", "hostile HDF5 files under RLIMIT_AS in a child", {
+        "cases": 1, "files refused": len(paths), "max RSS growth, KiB": grown // 1024})
 
 
 def _read_all_limited(conn: Connection, paths: list[str]) -> None:
@@ -451,6 +452,7 @@ def test_a_legitimate_200_level_tree_and_odd_keys_still_load(tmp_path: Path, out
         assert_tree_equal(mgr.restore(), tree)
     assert sorted(os.listdir(tmp_path / "run")) == [".ckptmgr-index.json", ".ckptmgr.lock", "ckpt-000000001.h5"]
     outside.check()
+    record("hostile", "limits do not refuse real trees", {"cases": 1, "200-level tree and odd keys loaded": 1})
 
 
 # ---------------------------------------------------- hostile directory entries
@@ -481,6 +483,7 @@ def test_sidecar_naming_a_path_outside_is_refused(tmp_path: Path, outside: Outsi
             if not read_only:
                 mgr.save(6, {"a": 6})  # retention runs
     outside.check()
+    record("hostile", "hostile payload names in sidecars", {"cases": 1, "refused, nothing outside touched": 1})
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n[:20]) for n in BAD_NAMES])
@@ -498,6 +501,7 @@ def test_commit_record_naming_a_path_outside_is_discarded(tmp_path: Path, outsid
     assert not commit.exists()
     assert sorted(os.listdir(run)) == [".ckptmgr-index.json", ".ckptmgr.lock", "ckpt-000000001.h5"]
     outside.check()
+    record("hostile", "hostile payload names in commit records", {"cases": 1, "discarded, nothing outside touched": 1})
 
 
 @pytest.mark.parametrize("what", ["name outside", "name of another payload", "native step", "foreign file"])
@@ -535,6 +539,7 @@ def test_index_entries_that_cannot_describe_their_file_are_not_trusted(
             assert mgr.restore(3) == {"s": 3}
     assert (run / side1).exists()
     outside.check()
+    record("hostile", "re-signed index entries", {"cases": 1, "not trusted": 1})
 
 
 def test_huge_metadata_files_are_read_with_a_bound(tmp_path: Path) -> None:
@@ -553,7 +558,7 @@ def test_huge_metadata_files_are_read_with_a_bound(tmp_path: Path) -> None:
 
     peak = _bounded(open_and_restore)
     assert peak < 200 * 2**20, f"opening allocated {peak} bytes"
-    record("hostile", "huge-metadata", {"peak MiB": peak // 2**20})
+    record("hostile", "100 MiB sidecar, index and commit record", {"cases": 1, "peak MiB": peak // 2**20})
 
 
 # ------------------------------------------------------------ links and FIFOs
@@ -584,6 +589,7 @@ def test_symlink_at_the_final_name_is_replaced_not_followed(tmp_path: Path, outs
             assert mgr.restore(7).read_bytes() == b"mine"
     assert not (run / name).is_symlink()
     outside.check()
+    record("hostile", "symlinks at final names", {"cases": 1, "replaced, not followed": 1})
 
 
 @pytest.mark.parametrize("where", ["sidecar", "index", "lock"])
@@ -617,6 +623,7 @@ def test_symlink_at_a_metadata_name_is_not_followed(tmp_path: Path, outside: Out
             assert [c.step for c in mgr.checkpoints] == [1]
             mgr.save(2, {"a": 2})
     outside.check()
+    record("hostile", "symlinks at sidecar, index, lock", {"cases": 1, "not followed": 1})
 
 
 @pytest.mark.parametrize("kind", ["native", "commit record", "index"])
@@ -648,6 +655,7 @@ def test_symlink_at_a_predicted_temporary_name_is_not_written_through(
         again.save(3, {"a": 3})
     assert not link.is_symlink()
     outside.check()
+    record("hostile", "symlinks at predicted temporary names", {"cases": 1, "not written through": 1})
 
 
 def test_a_payload_writer_that_makes_a_link_is_refused(tmp_path: Path, outside: Outside) -> None:
@@ -657,6 +665,7 @@ def test_a_payload_writer_that_makes_a_link_is_refused(tmp_path: Path, outside: 
         mgr.save(1, FilePayload("m.bin", lambda p: p.symlink_to(target)))
     assert sorted(os.listdir(run)) == [".ckptmgr-index.json", ".ckptmgr.lock"]
     outside.check()
+    record("hostile", "payload writer making a link", {"cases": 1, "refused": 1})
 
 
 @pytest.mark.parametrize("where", ["index", "commit record", "sidecar", "checkpoint", "payload", "leftover"])
@@ -688,7 +697,7 @@ def test_fifo_planted_in_the_directory_blocks_nobody(tmp_path: Path, where: str)
     proc.join(60)
     assert said is not None, f"a FIFO at the {where} blocked the manager"
     assert said[0] == "ok", said
-    record("hostile", "fifo", {f"FIFO at the {where}": 1})
+    record("hostile", "FIFO planted", {"cases": 1, f"at the {where}": 1})
 
 
 def _open_and_restore(conn: Connection, directory: str) -> None:
@@ -784,5 +793,5 @@ def test_nothing_is_ever_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert all(issubclass(w.category, CheckpointWarning) for w in caught)
     assert calls == [] and not marker.exists()
     assert found["refused"] >= 2 and found["restored"] >= 3
-    record("hostile", "pickle", {"places a pickle was planted": 9, **found})
+    record("hostile", "pickles planted", {"cases": 1, "places a pickle was planted": 9, **found})
 
