@@ -90,6 +90,7 @@ def _readers_beside_a_writer(tmp_path: Path, plan_name: str, restores: int) -> C
     for which, report in reports:
         counts[f"restores of {which}"] += report["restores"]
         counts["stale (deleted after listing or after return)"] += report["stale"]
+        counts["known bug: listing raced retention, nothing found"] += report["known"]
         key = f"distinct steps seen (most by one '{which}' reader)"
         counts[key] = max(counts[key], report["distinct steps"])
     counts["steps the writer committed meanwhile"] = len(wrun.promised)
@@ -142,6 +143,35 @@ def test_restore_racing_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(codec, "read_file", read_file)
     assert reader.restore(which) == {"s": 2}
     assert raced and [c.step for c in reader.checkpoints] == [2]
+    writer.close()
+
+
+@pytest.mark.xfail(strict=True, raises=ckptmgr.CheckpointNotFoundError, reason=(
+    "BUG: manager.py _restore('latest') gives up with CheckpointNotFoundError ('No checkpoint in "
+    "...') when the reader's listing itself raced the writer's retention: the only checkpoint it "
+    "listed was deleted before _refresh read its metadata (skipped as 'deleted since the listing'), "
+    "the new one was renamed in after the scan, so there is no candidate, 'raced' stays False and "
+    "the retry loop stops. Fix: have _refresh report entries that vanished and retry (list again) "
+    "in that case too, like a candidate that vanished."))
+def test_restore_racing_retention_while_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer replaces the only checkpoint (KeepLast(1)) while a reader lists it."""
+    from ckptmgr import codec
+
+    directory = tmp_path / "run"
+    writer = CheckpointManager(directory, keep=ckptmgr.KeepLast(1))
+    writer.save(1, {"s": 1})
+    reader = CheckpointManager(directory, read_only=True)
+    real = codec.read_meta
+    raced: list[int] = []
+
+    def read_meta(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if not raced:
+            raced.append(1)
+            writer.save(2, {"s": 2})  # 1 is deleted before the reader reads its metadata
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "read_meta", read_meta)
+    assert reader.restore() == {"s": 2}
     writer.close()
 
 
