@@ -300,7 +300,10 @@ def test_read_only_remount(tmpfs: tuple[Path, Callable[[str], None]]) -> None:
             _save(mgr, "native", 1)
             _save(mgr, "payload", 2)
     before = {mode: snapshot(mnt / mode) for mode in ("sync", "async")}
-    remount("ro")
+    try:
+        remount("ro")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot remount read-only here: {exc.stderr!r}")
     try:
         for mode in ("sync", "async"):
             with pytest.raises(CheckpointIOError) as excinfo:
