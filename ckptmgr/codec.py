@@ -109,6 +109,8 @@ _KNOWN_LEAF_CHECKSUMS = frozenset({"crc32", "crc32c"})
 _SLAB_BYTES = 16 * 1024 * 1024
 _WRITEBACK_BYTES = 32 * 1024 * 1024
 _VERIFY_INLINE_BYTES = 1024 * 1024
+# Below this much state the hand-off to the verifying thread costs more than it saves.
+_VERIFY_THREAD_BYTES = 64 * 1024 * 1024
 
 
 def _leaf_checksum(manifest: Mapping[str, Any], where: str) -> Callable[[Any, int], int]:
@@ -567,11 +569,13 @@ class _Verifier:
     The CRC runs at several times the speed of a read from the page cache, but done
     after each read it still added half the read's time; overlapped, it adds little.
     Jobs run in order on one thread, so a leaf's CRC chains across its slabs. Small
-    leaves are checked inline: a thread hand-off costs more than their CRC.
+    leaves, and every leaf of a state under 64 MiB, are checked inline: there a thread
+    hand-off costs more than it saves.
     """
 
-    def __init__(self, crc: Callable[[Any, int], int], where: str) -> None:
+    def __init__(self, crc: Callable[[Any, int], int], where: str, *, threaded: bool) -> None:
         self.crc = crc
+        self.threaded = threaded
         self._where = where
         self._pool: ThreadPoolExecutor | None = None
         self._value = 0
@@ -610,8 +614,13 @@ class _Verifier:
 
 
 @contextlib.contextmanager
-def _verifying(crc: Callable[[Any, int], int] | None, where: str) -> Iterator[_Verifier | None]:
-    verifier = _Verifier(crc, where) if crc is not None else None
+def _verifying(
+    crc: Callable[[Any, int], int] | None, where: str, manifest: Mapping[str, Any]
+) -> Iterator[_Verifier | None]:
+    # nbytes comes from the file: it only picks the strategy, never what is allocated.
+    nbytes = manifest.get("nbytes")
+    threaded = type(nbytes) is int and nbytes >= _VERIFY_THREAD_BYTES
+    verifier = _Verifier(crc, where, threaded=threaded) if crc is not None else None
     try:
         yield verifier
     finally:
@@ -646,7 +655,7 @@ def _read_leaf(
     _check_dataset_storage(ds, nbytes, where)
     out = np.empty(shape, dtype)
     target = out.reshape(-1).view(np.uint8).reshape(stored_shape) if raw else out
-    if verifier is None or nbytes < _VERIFY_INLINE_BYTES or dtype.kind == "b":
+    if verifier is None or not verifier.threaded or nbytes < _VERIFY_INLINE_BYTES or dtype.kind == "b":
         if nbytes:
             ds.read_direct(target)
         if verifier is not None and verifier.crc(_contiguous_bytes(out), 0) != node.get("crc"):
@@ -797,7 +806,7 @@ def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tre
             return _decode_scalar(kind, array, where)
 
         try:
-            with _verifying(crc, where) as verifier:
+            with _verifying(crc, where, manifest) as verifier:
                 tree = _build(spec, leaf_value, where)
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, CorruptCheckpointError):
@@ -817,7 +826,7 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = _read_manifest(f, where)
         _check_claimed_bytes(f, manifest.get("tree"), where)
         crc = _leaf_checksum(manifest, where)
-        with _verifying(crc, where) as verifier:
+        with _verifying(crc, where, manifest) as verifier:
             for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
                 _read_leaf(f, node, h5path, where, verifier)
     return manifest
