@@ -273,7 +273,7 @@ def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings:
         if last:
             best = plan.tracker_best(last)
             tracker = mgr.tracker
-            assert tracker is not None and tracker.best_step == best and tracker.wait == last - best
+            assert best is not None and tracker is not None and tracker.best_step == best and tracker.wait == last - best
             assert mgr.best is not None and mgr.best.step == best
             plan.check_content(mgr, last, mgr.restore())
         if save_next:
@@ -285,6 +285,11 @@ def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings:
         return last
     finally:
         mgr.close()
+
+
+def writes(data: bytes) -> Callable[[Path], object]:
+    """A payload writer that writes ``data``."""
+    return lambda path: path.write_bytes(data)
 
 
 def codec_sidecar(name: str, step: int = 99, content: bytes = b"") -> tuple[str, bytes]:

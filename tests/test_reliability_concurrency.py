@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from _reliability import (
@@ -122,7 +122,8 @@ def test_readers_restore_while_a_writer_saves_and_deletes_long(tmp_path: Path, p
     "latest",
     "best",
 ])
-def test_restore_racing_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+def test_restore_racing_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  which: Literal["latest", "best"]) -> None:
     """The writer saves a new best and its retention deletes the old one exactly between
     the reader's listing and its read."""
     from ckptmgr import codec

@@ -25,6 +25,7 @@ import shutil
 import signal
 import time
 from collections import Counter
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -132,10 +133,10 @@ DEFAULT_KILLS = 45  # per workload: 225 in the default run
 SLOW_KILLS = 250  # per workload: 1,250 with -m slow
 
 
-def _wait_until(conn_run: tuple[object, ChildRun], deadline: float) -> bool:
-    conn, run = conn_run
+def _wait_until(conn: Connection, run: ChildRun, deadline: float) -> bool:
+    """Take what the child sends until ``deadline``; False if it closed its end first."""
     while (remaining := deadline - time.monotonic()) > 0:
-        if not drain(conn, run, remaining):  # type: ignore[arg-type]
+        if not drain(conn, run, remaining):
             return False
     return True
 
@@ -162,7 +163,7 @@ def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter
         if rng.random() < 0.15:
             # During start-up: lock, recovery of interrupted commits, clean-up, index, restore.
             findings["kills during start-up"] += 1
-            alive = _wait_until((parent, run), started + rng.uniform(0.0, startup * 1.5))
+            alive = _wait_until(parent, run, started + rng.uniform(0.0, startup * 1.5))
         else:
             alive = True
             while alive and run.ready is None:
@@ -174,7 +175,7 @@ def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter
             if wanted and run.promised:
                 per_save = 0.8 * per_save + 0.2 * (time.monotonic() - begun) / len(run.promised)
             if alive:
-                alive = _wait_until((parent, run), time.monotonic() + rng.uniform(0.0, per_save * 1.5))
+                alive = _wait_until(parent, run, time.monotonic() + rng.uniform(0.0, per_save * 1.5))
         proc.kill()
         proc.join(60)
         while drain(parent, run, 5.0):

@@ -36,6 +36,7 @@ from _reliability import (
     record,
     snapshot,
     state_for,
+    writes,
 )
 from conftest import assert_tree_equal
 
@@ -111,8 +112,8 @@ def _trace(template: Path, work: Path, kind: str, mode: str) -> list[str]:
 def _targets(labels: list[str]) -> list[int]:
     """Every call, except that of HDF5's many writes to the file only the first, one in
     the middle and the last fail (each write fails the same way; the rest add time)."""
-    writes = [n for n, label in enumerate(labels) if label == "write tmp"]
-    sampled = {writes[0], writes[len(writes) // 2], writes[-1]} if writes else set()
+    hdf5_writes = [n for n, label in enumerate(labels) if label == "write tmp"]
+    sampled = {hdf5_writes[0], hdf5_writes[len(hdf5_writes) // 2], hdf5_writes[-1]} if hdf5_writes else set()
     return [n for n, label in enumerate(labels) if label != "write tmp" or n in sampled]
 
 
@@ -308,8 +309,8 @@ def test_read_only_remount(tmpfs: tuple[Path, Callable[[str], None]]) -> None:
         for mode in ("sync", "async"):
             with pytest.raises(CheckpointIOError) as excinfo:
                 _open(mnt / mode, mode)
-            exc = excinfo.value
-            assert exc.errno == errno.EROFS and "EROFS" in str(exc) and str(mnt / mode) in str(exc), exc
+            refusal = excinfo.value
+            assert refusal.errno == errno.EROFS and "EROFS" in str(refusal) and str(mnt / mode) in str(refusal)
             findings["writer refused with EROFS"] += 1
             with CheckpointManager(mnt / mode, read_only=True, monitor=MONITOR) as reader:
                 _check_content(reader, "native", 1)
@@ -367,7 +368,7 @@ def test_disk_full_during_payload_saves(tmpfs: tuple[Path, Callable[[str], None]
     with pytest.raises(CheckpointIOError) as excinfo:
         for step in range(1, 100):
             data = payload_bytes(step, 150_000)
-            mgr.save(step, FilePayload(f"model-{step}.bin", lambda path, d=data: path.write_bytes(d)))
+            mgr.save(step, FilePayload(f"model-{step}.bin", writes(data)))
             mgr.wait()
             saved.append(step)
     exc = excinfo.value

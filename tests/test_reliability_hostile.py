@@ -37,7 +37,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from _reliability import MONITOR, OutsideWatch, codec_sidecar, processes, record, state_for
+from _reliability import MONITOR, OutsideWatch, codec_sidecar, processes, record, state_for, writes
 from conftest import assert_tree_equal
 
 import ckptmgr
@@ -513,7 +513,7 @@ def test_index_entries_that_cannot_describe_their_file_are_not_trusted(
     with CheckpointManager(run, monitor=MONITOR) as mgr:
         for step in (1, 2):
             data = f"payload {step}".encode()
-            mgr.save(step, FilePayload(f"m{step}.bin", lambda p, d=data: p.write_bytes(d)), metrics={MONITOR: 1.0})
+            mgr.save(step, FilePayload(f"m{step}.bin", writes(data)), metrics={MONITOR: 1.0})
         mgr.save(3, {"s": 3}, metrics={MONITOR: 1.0})
     index = run / storage.INDEX_NAME
     data = json.loads(index.read_bytes())
