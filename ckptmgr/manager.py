@@ -292,7 +292,9 @@ class CheckpointManager:
             return None
         # The tracker's best (min_delta and baseline applied), when that step was saved.
         record = self._records.get(tracker.best_step) if tracker.best_step is not None else None
-        if record is not None and record.info.metrics.get(tracker.monitor) == tracker.best:
+        if record is not None and (record.corrupt or record.info.metrics.get(tracker.monitor) == tracker.best):
+            # A damaged best stays the best: restore("best") then says so rather than
+            # quietly returning the runner-up.
             return record.info
         # Otherwise (metrics reported between saves, or a directory from elsewhere) the
         # best value among the checkpoints, if it beats the baseline.
@@ -451,7 +453,7 @@ class CheckpointManager:
             # The same step saved under another name: the new checkpoint replaces it.
             stale = [f for old in replaced if old.info.path != record.info.path for f in old.files]
             self._delete_files(stale)
-            self._apply_retention()
+            self._apply_retention(just_saved=step)
             return self._records[step].info
 
     def wait(self) -> None:
@@ -610,7 +612,8 @@ class CheckpointManager:
         return removed
 
     def _apply_retention(
-        self, *, delete: bool = True, policy: RetentionPolicy | Literal["own"] | None = "own"
+        self, *, delete: bool = True, policy: RetentionPolicy | Literal["own"] | None = "own",
+        just_saved: int | None = None,
     ) -> list[CheckpointInfo]:
         """Delete what no policy keeps, except the latest and the best; set keep_reasons.
 
@@ -642,6 +645,10 @@ class CheckpointManager:
             kept = {s: list(r) for s, r in keep.keep(infos, context).items()}
         # The two protections of invariant 5, whatever the policies say.
         kept.setdefault(infos[-1].step, []).insert(0, "latest")
+        if just_saved is not None and just_saved not in kept:
+            # A step below the newest (a run resumed from an older checkpoint) that no
+            # policy keeps: deleting what save() just promised would be absurd.
+            kept[just_saved] = ["just saved"]
         best = self._best_locked()
         if best is not None and self._tracker is not None:
             label = f"best {self._tracker.monitor}"
@@ -714,52 +721,63 @@ class CheckpointManager:
         and refreshes the index when it was stale.
         """
         index = storage.load_index(self._directory)
-        entries = list(storage.scan(self._directory))
-        changed = len(entries) != len(index)
-        records: dict[int, _Record] = {}
-        orphans: list[str] = []
-        for entry in entries:
-            cached = index.get(entry.name)
-            if (
-                isinstance(cached, dict)
-                and cached.get("size") == entry.size
-                and cached.get("mtime_ns") == entry.mtime_ns
-                and isinstance(cached.get("meta"), dict)
-                and type(cached["meta"].get("step")) is int
-            ):
-                meta, corrupt = cached["meta"], cached.get("corrupt")
-                reasons = cached.get("reasons")
-                recorded = tuple(r for r in reasons if isinstance(r, str)) if isinstance(reasons, list) else ()
-            else:
-                changed = True
-                recorded = ()
-                try:
-                    meta, corrupt = self._read_entry_meta(entry), None
-                except FileNotFoundError:
-                    continue  # deleted since the listing
-                except (CorruptCheckpointError, OSError) as exc:
-                    if entry.step is None:
-                        warnings.warn(f"ckptmgr: ignoring unreadable metadata {exc}", CheckpointWarning, stacklevel=4)
+        for _attempt in range(_READ_RETRIES):
+            vanished = False
+            entries = list(storage.scan(self._directory))
+            changed = len(entries) != len(index)
+            records: dict[int, _Record] = {}
+            orphans: list[str] = []
+            for entry in entries:
+                cached = index.get(entry.name)
+                if (
+                    isinstance(cached, dict)
+                    and cached.get("size") == entry.size
+                    and cached.get("mtime_ns") == entry.mtime_ns
+                    and isinstance(cached.get("meta"), dict)
+                    and type(cached["meta"].get("step")) is int
+                ):
+                    meta, corrupt = cached["meta"], cached.get("corrupt")
+                    reasons = cached.get("reasons")
+                    recorded = tuple(r for r in reasons if isinstance(r, str)) if isinstance(reasons, list) else ()
+                else:
+                    changed = True
+                    recorded = ()
+                    try:
+                        meta, corrupt = self._read_entry_meta(entry), None
+                    except FileNotFoundError:
+                        vanished = True  # deleted since the listing
                         continue
-                    meta = {"step": entry.step, "time": entry.mtime_ns / 1e9}
-                    corrupt = _reason(exc)
-            if entry.step is None:  # a payload's sidecar
-                name = meta.get("name")
-                if not isinstance(name, str) or storage.sidecar_name(name) != entry.name:
-                    orphans.append(entry.name)
-                    continue
-                try:
-                    if not storage.is_regular_file(self._directory / name):
+                    except (CorruptCheckpointError, OSError) as exc:
+                        if entry.step is None:
+                            warnings.warn(f"ckptmgr: ignoring unreadable metadata {exc}", CheckpointWarning, stacklevel=4)
+                            continue
+                        meta = {"step": entry.step, "time": entry.mtime_ns / 1e9}
+                        corrupt = _reason(exc)
+                if entry.step is None:  # a payload's sidecar
+                    name = meta.get("name")
+                    if not isinstance(name, str) or storage.sidecar_name(name) != entry.name:
+                        # Swapped or copied over: not ours to delete, not trustworthy to use.
+                        warnings.warn(
+                            f"ckptmgr: ignoring {self._directory / entry.name}: it describes "
+                            f"{name!r}, whose metadata file would be {storage.sidecar_name(str(name))}",
+                            CheckpointWarning, stacklevel=4,
+                        )
                         continue
-                except FileNotFoundError:
-                    orphans.append(entry.name)
-                    continue
-                record = _Record(self._info(name, meta), meta, corrupt, entry.name, recorded)
-            else:
-                record = _Record(self._info(entry.name, meta), meta, corrupt, None, recorded)
-            previous = records.get(record.info.step)
-            if previous is None or previous.info.time <= record.info.time:
-                records[record.info.step] = record
+                    try:
+                        if not storage.is_regular_file(self._directory / name):
+                            continue
+                    except FileNotFoundError:
+                        orphans.append(entry.name)
+                        continue
+                    record = _Record(self._info(name, meta), meta, corrupt, entry.name, recorded)
+                else:
+                    record = _Record(self._info(entry.name, meta), meta, corrupt, None, recorded)
+                previous = records.get(record.info.step)
+                if previous is None or previous.info.time <= record.info.time:
+                    records[record.info.step] = record
+            # Deleted while we read: the listing may miss what replaced it. Again.
+            if not vanished:
+                break
         with self._mutex:
             self._records = records
         if not self._read_only:
@@ -894,7 +912,9 @@ class CheckpointManager:
             if record.sidecar is not None:
                 if verify:
                     size, crc = storage.file_checksum(path, codec.checksum)
-                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")):
+                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")) and not (
+                        self._being_replaced(record, size, crc)
+                    ):
                         raise CorruptCheckpointError(
                             f"{path}: checksum mismatch (file has {size} bytes, crc32 {crc:#010x}; "
                             f"expected {record.meta.get('size')} bytes, crc32 {record.meta.get('crc32', 0):#010x})"
@@ -917,17 +937,52 @@ class CheckpointManager:
             )
         return value
 
+    def _being_replaced(self, record: _Record, size: int, crc: int) -> bool:
+        """Whether a payload that fails its listed checksum is being replaced under its name.
+
+        True when a commit in progress describes the file as it is (the writer is between
+        its two renames): the file is complete and verified by that durable record.
+
+        Raises:
+            CheckpointNotFoundError: the sidecar now describes the file: a newer
+                checkpoint replaced the one listed (list again).
+        """
+        assert record.sidecar is not None
+        name = record.info.path.name
+        for pending in storage.pending_commits(self._directory, codec.decode_sidecar):
+            if (pending.get("name"), pending.get("size"), pending.get("crc32")) == (name, size, crc):
+                return True
+        try:
+            now = codec.decode_sidecar(storage.read_small(self._directory / record.sidecar))
+        except (OSError, CorruptCheckpointError):
+            return False
+        if (now.get("name"), now.get("size"), now.get("crc32")) == (name, size, crc):
+            raise CheckpointNotFoundError(f"{record.info.path} was replaced while being read")
+        return False
+
     def _restore(self, which: Which, verify: bool) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
-            record = self._resolve(which)
-            value = self._load(record, verify=verify)
-            self._after_restore(record)
-            return value, record.info
+            for attempt in range(_READ_RETRIES):
+                record = self._resolve(which)
+                try:
+                    value = self._load(record, verify=verify)
+                except CheckpointNotFoundError:
+                    # A reader racing the writer: "best" may have moved on; list again.
+                    if not (self._read_only and which == "best") or attempt == _READ_RETRIES - 1:
+                        raise
+                    continue
+                self._after_restore(record)
+                return value, record.info
         failures: list[str] = []
+        raced = False
         for _attempt in range(_READ_RETRIES):
             self._refresh_if_reader()
             with self._mutex:
                 candidates = [self._records[s] for s in sorted(self._records, reverse=True)]
+            if not candidates and raced:
+                # A directory listing is no snapshot: while the writer renames a new
+                # checkpoint in and deletes an old one, a listing can miss both.
+                continue
             raced = False
             for record in candidates:
                 try:

@@ -57,6 +57,7 @@ _COMMIT_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.commit")
 _SIDECAR_RE = re.compile(r"\.ckptmgr-[0-9a-f]{16}\.json")
 MAX_PAYLOAD_NAME = 200
 _CHUNK = 8 * 1024 * 1024
+_LIST_RETRIES = 10
 
 
 def checkpoint_name(step: int) -> str:
@@ -358,6 +359,22 @@ def commit_payload(
     return size, crc
 
 
+def pending_commits(directory: Path, parse: Callable[[bytes], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The readable payload commit records in progress in ``directory`` (for readers)."""
+    records = []
+    try:
+        with os.scandir(directory) as it:
+            names = [e.name for e in it if _COMMIT_RE.fullmatch(e.name)]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            records.append(parse(read_small(directory / name)))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
 def recover_commits(
     directory: Path, parse: Callable[[bytes], dict[str, Any]], checksum: Callable[[bytes, int], int]
 ) -> list[str]:
@@ -458,23 +475,31 @@ def scan(directory: Path) -> Iterator[Entry]:
     Raises:
         CheckpointIOError: the directory cannot be listed.
     """
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except OSError as exc:
-        raise io_error("Cannot list checkpoint directory", directory, exc) from exc
-    for entry in entries:
-        step = parse_name(entry.name)
-        if step is None and not _SIDECAR_RE.fullmatch(entry.name):
-            continue
+    for _attempt in range(_LIST_RETRIES):
         try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # deleted since the listing
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            yield Entry(step, entry.name, st.st_size, st.st_mtime_ns)
+            with os.scandir(directory) as it:
+                listed = list(it)
+        except OSError as exc:
+            raise io_error("Cannot list checkpoint directory", directory, exc) from exc
+        found, vanished = [], False
+        for entry in listed:
+            step = parse_name(entry.name)
+            if step is None and not _SIDECAR_RE.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                vanished = True
+                continue
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append(Entry(step, entry.name, st.st_size, st.st_mtime_ns))
+        # A listing is no snapshot: while a writer renames a new checkpoint in and
+        # deletes an old one, it can hold the old one and miss the new. List again.
+        if not vanished:
+            break
+    return iter(found)
 
 
 def read_small(path: Path, limit: int = 1024 * 1024) -> bytes:

@@ -147,13 +147,6 @@ def test_restore_racing_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     writer.close()
 
 
-@pytest.mark.xfail(strict=True, raises=ckptmgr.CheckpointNotFoundError, reason=(
-    "BUG: manager.py _restore('latest') gives up with CheckpointNotFoundError ('No checkpoint in "
-    "...') when the reader's listing itself raced the writer's retention: the only checkpoint it "
-    "listed was deleted before _refresh read its metadata (skipped as 'deleted since the listing'), "
-    "the new one was renamed in after the scan, so there is no candidate, 'raced' stays False and "
-    "the retry loop stops. Fix: have _refresh report entries that vanished and retry (list again) "
-    "in that case too, like a candidate that vanished."))
 def test_restore_racing_retention_while_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer replaces the only checkpoint (KeepLast(1)) while a reader lists it."""
     from ckptmgr import codec

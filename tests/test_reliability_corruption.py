@@ -42,7 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from _reliability import MONITOR, copy_directory, payload_bytes, record
+from _reliability import MONITOR, copy_directory, payload_bytes, record, writes
 from conftest import assert_tree_equal
 
 import ckptmgr
@@ -104,7 +104,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for step in STEPS:
             if step in PAYLOAD_STEPS:
                 data = payload_bytes(step, 3000)
-                value: Any = ckptmgr.FilePayload(_name(step), lambda path, d=data: path.write_bytes(d))
+                value: Any = ckptmgr.FilePayload(_name(step), writes(data))
             else:
                 value = _state(step)
             mgr.save(step, value, metrics={MONITOR: METRICS[step]})
@@ -488,15 +488,9 @@ def test_fuzzed_damage_is_always_detected_long(pristine: Path, scratch: Path) ->
     record("corruption", "fuzz-long", counts)
 
 
-# ------------------------------------------------------- known manager bugs (xfail)
+# ------------------------------------------- manager bugs this harness found (fixed)
 
 
-@pytest.mark.xfail(strict=True, raises=Verdict, reason=(
-    "BUG: manager.py _refresh takes a sidecar whose payload name does not hash to its own file "
-    "name for an orphan: a reader skips it and a writer deletes it, both without a word, so two "
-    "swapped (or copied-over) sidecars lose their payload checkpoints silently. Fix: only a "
-    "sidecar whose payload file is missing is an orphan; on a name mismatch warn "
-    "(CheckpointWarning naming the sidecar) and keep the file."))
 @pytest.mark.parametrize("how", ["swapped", "copied-over"])
 @pytest.mark.parametrize("writer", [False, True], ids=["reader", "writer"])
 def test_a_sidecar_under_another_payloads_name(pristine: Path, scratch: Path, how: str, writer: bool) -> None:
@@ -511,12 +505,6 @@ def test_a_sidecar_under_another_payloads_name(pristine: Path, scratch: Path, ho
     _judge(directory, Damage("sidecars", how), writer=writer, outcomes=Counter())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: manager.py restore('best') silently returns the runner-up when the best checkpoint's "
-    "metadata is damaged: _best_locked skips a record without metrics, although the tracker "
-    "(restored from a newer checkpoint) says which step was best. restore(step) of it raises "
-    "CorruptCheckpointError, and restore() warns when it falls back; restore('best') should do "
-    "one of the two (raise, or warn naming the damaged file before returning the runner-up)."))
 def test_restore_best_when_the_best_is_damaged(pristine: Path, scratch: Path) -> None:
     directory = copy_directory(pristine, scratch / "case")
     bad = directory / _name(BEST)
@@ -541,13 +529,6 @@ def test_restore_best_when_the_best_is_damaged(pristine: Path, scratch: Path) ->
     )
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "BUG: manager.py _committed returns self._records[step].info after _apply_retention(), which "
-    "deletes the checkpoint just saved when its step is below the newest one and no policy keeps "
-    "it (resuming after a fallback past a damaged newest checkpoint, or rolling back to the best): "
-    "save() raises KeyError (async: CheckpointError wrapping KeyError) after writing and deleting "
-    "the file. Fix: never let retention delete the checkpoint just committed (protect it like "
-    "'latest'), or at least return its info captured before retention."))
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_resuming_below_a_damaged_newest_checkpoint(tmp_path: Path, async_save: bool) -> None:
     keep = ckptmgr.KeepLast(1) | ckptmgr.KeepBest(1)
