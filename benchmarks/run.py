@@ -828,7 +828,7 @@ def restore_section(results: dict[str, Any]) -> list[str]:
             row += [fmt_t(t), f"{ref / t:.2f}x"]
             if cold:
                 tc, refc = s["restore_cold"].get(name, math.nan), s["restore_cold"].get("h5py read (raw)", math.nan)
-                row += [fmt_t(tc), f"{refc / tc:.2f}x"]
+                row += [fmt_t(tc), f"{refc / tc:.2f}x" if tc == tc else ""]
         rows.append(row)
     note = ("warm: the file is in the page cache (the CPU-side cost); cold: page cache dropped "
             "before each read (`echo 3 > /proc/sys/vm/drop_caches`)." if cold else
