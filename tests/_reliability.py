@@ -30,6 +30,7 @@ import mmap
 import multiprocessing
 import multiprocessing.context
 import os
+import re
 import shutil
 import struct
 import sys
@@ -209,6 +210,14 @@ def pending_commits(directory: Path) -> list[str]:
     return [n for n in listing(directory) if n.startswith(".ckpt-") and n.endswith(".commit")]
 
 
+# M8, a manager.py bug (open): after a crash between the two renames of a payload replaced
+# under its own name, a reader is handed the new file as the old step (5344d13 accepts a
+# file that a pending commit record describes). Pinned by the strict xfail
+# test_a_reader_after_a_crash_between_the_two_renames; while it is open the crash harness
+# counts these instead of failing on them. Set to False once it is fixed.
+KNOWN_REPLACED_PAYLOAD_BUG = True
+
+
 def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> None:
     """Right after a crash, before any writer opens: a reader sees only complete
     checkpoints with the right content. The one exception, counted: a payload being
@@ -228,6 +237,9 @@ def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> No
                 assert window and plan.shared(step), f"step {step} is corrupt after a crash"
                 findings["reader: replaced payload seen corrupt (commit window)"] += 1
                 continue
+            if _known_replaced(window, plan, step, value):
+                findings["known bug M8: the new file returned as the old step"] += 1
+                continue
             plan.check_content(reader, step, value)
             findings["reader: checkpoints verified"] += 1
         if steps:
@@ -237,23 +249,33 @@ def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> No
                 assert window and all(plan.shared(s) for s in steps), "restore() found nothing good"
             else:
                 assert reader.restored is not None
-                plan.check_content(reader, reader.restored.step, value)
+                if not _known_replaced(window, plan, reader.restored.step, value):
+                    plan.check_content(reader, reader.restored.step, value)
     for w in caught:
         assert issubclass(w.category, ckptmgr.CheckpointWarning), f"unexpected warning {w.message}"
         assert window, f"a reader warned after a crash: {w.message}"
 
 
+def _known_replaced(window: bool, plan: Plan, step: int, value: Any) -> bool:
+    return KNOWN_REPLACED_PAYLOAD_BUG and window and plan.shared(step) and _replaced_since(plan, step, value)
+
+
 def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings: Counter[str],
-                      *, save_next: bool = False) -> int:
+                      *, save_next: bool = False, previous: set[int] | None = None) -> tuple[int, set[int]]:
     """A writer opens (finishing or discarding what the crash interrupted): no leftover,
     every checkpoint the model requires is there and verifies, nothing else is, best and
-    patience are those of an uninterrupted run. Returns the latest step (0: none)."""
+    patience are those of an uninterrupted run. Returns the latest step (0: none) and
+    the steps on disk.
+
+    ``previous``: the steps on disk at the last check, when several crashes may have
+    cut retention short one after the other (a checkpoint retention let go may then
+    stay until a retention completes); without it, one crash since a complete save."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mgr = plan.open(directory) if directory.exists() else None
     if mgr is None:
         assert not promised, f"steps {sorted(promised)} were promised; the directory is gone"
-        return 0
+        return 0, set()
     try:
         names = listing(directory)
         assert [n for n in names if n.startswith(".ckpt-")] == [], f"leftovers after open: {names}"
@@ -261,6 +283,11 @@ def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings:
         last = steps[-1] if steps else 0
         assert last >= max(promised, default=0), f"promised {max(promised)} but the latest is {last}"
         must, may = plan.bounds(last)
+        if previous is not None:
+            # Anything seen before, or saved since, unless a later save took its name.
+            candidates = previous | set(range(max(previous, default=0) + 1, last + 1))
+            may |= {s for s in candidates if s <= last and not any(
+                plan.file_name(t) == plan.file_name(s) for t in range(s + 1, last + 1))}
         assert must <= set(steps) <= may, f"on disk {steps}; must hold {sorted(must)}, may hold {sorted(may)}"
         expected_files = {plan.file_name(s) for s in steps} | {".ckptmgr.lock", ".ckptmgr-index.json"}
         if plan.payload:
@@ -282,7 +309,7 @@ def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings:
             after = sorted(c.step for c in mgr.checkpoints)
             assert set(after) == plan.present(last + 1), f"after the next save: {after}"
             findings["writer: usable after the crash"] += 1
-        return last
+        return last, set(steps)
     finally:
         mgr.close()
 
@@ -757,6 +784,21 @@ def python() -> str:
     return sys.executable
 
 
+def _replaced_since(plan: Plan, step: int, value: Any) -> bool:
+    """Whether the payload file ``restore`` returned for ``step`` now holds exactly a
+    later step saved under the same name (a path can go stale once returned)."""
+    if not plan.payload or not isinstance(value, Path):
+        return False
+    try:
+        data = value.read_bytes()
+    except FileNotFoundError:
+        return True
+    head = data.split(b"\n", 1)[0].decode(errors="replace")
+    match = re.fullmatch(r"payload of step (\d+)", head)
+    later = int(match.group(1)) if match else -1
+    return later > step and plan.file_name(later) == plan.file_name(step) and data == payload_bytes(later)
+
+
 def reader_child(conn: Connection, directory: str, plan_name: str, restores: int, which: str) -> None:
     """Restore ``which`` ("latest", "best" or "each": every listed step) ``restores``
     times from a directory another process writes to; report what was seen. Any warning
@@ -764,7 +806,7 @@ def reader_child(conn: Connection, directory: str, plan_name: str, restores: int
     saved at the step the manager says it restored."""
     plan = PLANS[plan_name]
     seen: Counter[int] = Counter()
-    stale = known = 0
+    stale = 0
     try:
         warnings.simplefilter("error")
         mgr = ckptmgr.CheckpointManager(directory, read_only=True, monitor=MONITOR)
@@ -779,15 +821,7 @@ def reader_child(conn: Connection, directory: str, plan_name: str, restores: int
                     stale += 1  # deleted by retention since the listing: allowed for a step asked by number
                     continue
             else:
-                try:
-                    value = mgr.restore("best" if which == "best" else "latest")
-                except ckptmgr.CheckpointNotFoundError as exc:
-                    # The listing raced a deletion and found nothing: a manager bug, pinned
-                    # by test_restore_racing_retention_while_listing; counted until fixed.
-                    if not str(exc).startswith("No checkpoint in"):
-                        raise
-                    known += 1
-                    continue
+                value = mgr.restore("best" if which == "best" else "latest")
                 assert mgr.restored is not None
                 step = mgr.restored.step
             try:
@@ -795,8 +829,13 @@ def reader_child(conn: Connection, directory: str, plan_name: str, restores: int
             except FileNotFoundError:
                 stale += 1  # a payload's path, deleted by retention after restore returned it
                 continue
+            except AssertionError:
+                if not _replaced_since(plan, step, value):
+                    raise
+                stale += 1  # a payload's path, replaced by a later save of that name since
+                continue
             seen[step] += 1
-        conn.send(("done", {"restores": restores, "distinct steps": len(seen), "stale": stale, "known": known}))
+        conn.send(("done", {"restores": restores, "distinct steps": len(seen), "stale": stale}))
     except BaseException:
         import traceback
 

@@ -59,8 +59,7 @@ def _readers_beside_a_writer(tmp_path: Path, plan_name: str, restores: int) -> C
         while len(wrun.promised) < 3:
             assert drain(wconn, wrun, 60.0), f"the writer died: {wrun.error}"
         for n in range(READERS):
-            # restore("best") has the race of test_restore_best_racing_retention (a manager bug).
-            which = ("latest", "each", "latest")[n % 3]
+            which = ("latest", "each", "best")[n % 3]
             parent, child = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=reader_child, args=(child, str(directory), plan_name, restores, which),
                                daemon=True)
@@ -90,7 +89,6 @@ def _readers_beside_a_writer(tmp_path: Path, plan_name: str, restores: int) -> C
     for which, report in reports:
         counts[f"restores of {which}"] += report["restores"]
         counts["stale (deleted after listing or after return)"] += report["stale"]
-        counts["known bug: listing raced retention, nothing found"] += report["known"]
         key = f"distinct steps seen (most by one '{which}' reader)"
         counts[key] = max(counts[key], report["distinct steps"])
     counts["steps the writer committed meanwhile"] = len(wrun.promised)
@@ -100,16 +98,14 @@ def _readers_beside_a_writer(tmp_path: Path, plan_name: str, restores: int) -> C
     return counts
 
 
-# Payloads under names of their own: a payload replaced under its own name has the race of
-# test_a_reader_between_the_two_renames_of_a_replaced_payload (a manager bug).
-@pytest.mark.parametrize("plan_name", ["retention", "async", "payload-unique"])
+@pytest.mark.parametrize("plan_name", ["retention", "async", "payload", "payload-unique"])
 def test_readers_restore_while_a_writer_saves_and_deletes(tmp_path: Path, plan_name: str) -> None:
     counts = _readers_beside_a_writer(tmp_path, plan_name, RESTORES)
     record("concurrency", f"readers[{plan_name}]", counts)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plan_name", ["retention", "async", "payload-unique", "index"])
+@pytest.mark.parametrize("plan_name", ["retention", "async", "payload", "payload-unique", "index"])
 def test_readers_restore_while_a_writer_saves_and_deletes_long(tmp_path: Path, plan_name: str) -> None:
     counts = _readers_beside_a_writer(tmp_path, plan_name, 10 * RESTORES)
     record("concurrency", f"readers-long[{plan_name}]", counts)

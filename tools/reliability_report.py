@@ -152,9 +152,21 @@ MANAGER: list[dict[str, str]] = [
         "id": "M7", "where": "manager._restore('latest')", "test": "test_reliability_concurrency::test_restore_racing_retention_while_listing",
         "what": "A reader whose listing itself raced retention (the only checkpoint listed was deleted before its "
                 "metadata was read, the new one renamed in after the scan) found no candidate and raised "
-                "CheckpointNotFoundError('No checkpoint in ...') without retrying. Seen by reader processes beside "
-                "a KeepLast(1) writer; counted there as \"known bug\" while open.",
+                "CheckpointNotFoundError('No checkpoint in ...') without retrying; likewise a reader's `checkpoints` "
+                "could come back empty. Seen by reader processes beside KeepLast(1) and payload writers.",
         "fix": "Treat an entry that vanished during the listing as a race: list again.",
+    },
+    {
+        "id": "M8", "where": "manager._being_replaced / _load (payloads)", "test": "test_reliability_crash::test_a_reader_after_a_crash_between_the_two_renames",
+        "what": "A regression of the fix for M6: a payload whose listed checksum fails is accepted when a pending "
+                "commit record describes the file, and returned under the listed record. After a crash between "
+                "the two renames of a payload replaced under its own name (the commit stays pending until a "
+                "writer opens), readers get step 6's file as step 3, with step 3's metadata: wrong data, "
+                "silently. Found by the random SIGKILLs (payload workload) and the deterministic crash points; "
+                "counted by the crash harness as \"known bug M8\" while open.",
+        "fix": "A file that a pending commit describes belongs to that commit's step: treat the listed record as "
+               "replaced (restore(step): not found; restore(): the next candidate), or serve it as the commit's "
+               "step; then set tests/_reliability.py KNOWN_REPLACED_PAYLOAD_BUG = False.",
     },
 ]
 
