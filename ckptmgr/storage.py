@@ -512,9 +512,11 @@ def read_small(path: Path, limit: int = 1024 * 1024) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "Not a regular file", os.fspath(path))
-        return fh.read(limit)
+        # Sized by the file, not the limit: read(limit) would allocate the whole limit.
+        return fh.read(min(limit, st.st_size + 1))
 
 
 def is_regular_file(path: Path) -> bool:
