@@ -912,9 +912,8 @@ class CheckpointManager:
             if record.sidecar is not None:
                 if verify:
                     size, crc = storage.file_checksum(path, codec.checksum)
-                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")) and not (
-                        self._being_replaced(record, size, crc)
-                    ):
+                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")):
+                        self._check_replaced(record, size, crc)
                         raise CorruptCheckpointError(
                             f"{path}: checksum mismatch (file has {size} bytes, crc32 {crc:#010x}; "
                             f"expected {record.meta.get('size')} bytes, crc32 {record.meta.get('crc32', 0):#010x})"
@@ -925,10 +924,10 @@ class CheckpointManager:
                 value = None
             else:
                 value, manifest = codec.read_file(path, verify=verify)
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            raise
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
-        except CorruptCheckpointError:
-            raise
         except OSError as exc:
             raise storage.io_error("Cannot read checkpoint", path, exc) from exc
         if manifest.get("step") != record.info.step:
@@ -937,13 +936,13 @@ class CheckpointManager:
             )
         return value
 
-    def _being_replaced(self, record: _Record, size: int, crc: int) -> bool:
-        """Whether a payload that fails its listed checksum is being replaced under its name.
-
-        True when a commit in progress describes the file as it is (the writer is between
-        its two renames): the file is complete and verified by that durable record.
+    def _check_replaced(self, record: _Record, size: int, crc: int) -> None:
+        """A payload failing its listed checksum may have been replaced under its name.
 
         Raises:
+            _Replaced: a commit in progress describes the file as it is (the writer is
+                between its two renames, or died there): the file is that commit's
+                step, complete and verified by its durable record, not the listed one.
             CheckpointNotFoundError: the sidecar now describes the file: a newer
                 checkpoint replaced the one listed (list again).
         """
@@ -951,14 +950,18 @@ class CheckpointManager:
         name = record.info.path.name
         for pending in storage.pending_commits(self._directory, codec.decode_sidecar):
             if (pending.get("name"), pending.get("size"), pending.get("crc32")) == (name, size, crc):
-                return True
+                meta = _meta_subset(pending)
+                raise _Replaced(
+                    f"{record.info.path} no longer holds step {record.info.step}: it is step "
+                    f"{pending['step']}, being committed",
+                    _Record(self._info(name, meta), meta, sidecar=record.sidecar),
+                )
         try:
             now = codec.decode_sidecar(storage.read_small(self._directory / record.sidecar))
         except (OSError, CorruptCheckpointError):
-            return False
+            return
         if (now.get("name"), now.get("size"), now.get("crc32")) == (name, size, crc):
             raise CheckpointNotFoundError(f"{record.info.path} was replaced while being read")
-        return False
 
     def _restore(self, which: Which, verify: bool) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
@@ -987,6 +990,10 @@ class CheckpointManager:
             for record in candidates:
                 try:
                     value = self._load(record, verify=verify)
+                except _Replaced as replaced:
+                    # The newest file is a commit in progress: serve it as its own step.
+                    self._after_restore(replaced.record)
+                    return record.info.path, replaced.record.info
                 except CheckpointNotFoundError:
                     # Deleted under us (a reader racing the writer's retention, or a
                     # user's rm): list again, a newer checkpoint replaced it.
@@ -1022,6 +1029,14 @@ class CheckpointManager:
 
 
 # ------------------------------------------------------------------------- helpers
+
+
+class _Replaced(CheckpointNotFoundError):
+    """The listed payload checkpoint's file now belongs to a commit in progress."""
+
+    def __init__(self, message: str, record: _Record) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def _check_step(step: object) -> int:

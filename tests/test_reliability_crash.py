@@ -129,15 +129,6 @@ def test_crash_before_and_after_every_call_of_recovery_at_open(tmp_path: Path) -
     })
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG (M8): manager.py _being_replaced (5344d13) accepts a payload whose listed checksum fails "
-    "when a pending commit record describes the file, and _load then returns it under the listed "
-    "record: after a crash between the two renames of a payload replaced under its own name, a "
-    "reader's restore(3) (and restore()) returns step 6's file as step 3, with step 3's metadata - "
-    "wrong data, silently. Before, it was reported corrupt. Fix: a file that a pending commit "
-    "describes belongs to that commit's step, not to the listed record: treat the record as "
-    "replaced (restore(step): CheckpointNotFoundError; restore(): go on to the next candidate), "
-    "or serve it as the commit's step; then set _reliability.KNOWN_REPLACED_PAYLOAD_BUG = False."))
 def test_a_reader_after_a_crash_between_the_two_renames(tmp_path: Path) -> None:
     directory = tmp_path / "run"
     _setup(directory, "payload", 5)
