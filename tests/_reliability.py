@@ -210,14 +210,6 @@ def pending_commits(directory: Path) -> list[str]:
     return [n for n in listing(directory) if n.startswith(".ckpt-") and n.endswith(".commit")]
 
 
-# M8, a manager.py bug (open): after a crash between the two renames of a payload replaced
-# under its own name, a reader is handed the new file as the old step (5344d13 accepts a
-# file that a pending commit record describes). Pinned by the strict xfail
-# test_a_reader_after_a_crash_between_the_two_renames; while it is open the crash harness
-# counts these instead of failing on them. Set to False once it is fixed.
-KNOWN_REPLACED_PAYLOAD_BUG = False
-
-
 def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> None:
     """Right after a crash, before any writer opens: a reader sees only complete
     checkpoints with the right content. The one exception, counted: a payload being
@@ -242,9 +234,6 @@ def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> No
                 assert window and plan.shared(step), f"step {step} vanished after a crash"
                 findings["reader: replaced payload is no longer the old step (commit window)"] += 1
                 continue
-            if _known_replaced(window, plan, step, value):
-                findings["known bug M8: the new file returned as the old step"] += 1
-                continue
             plan.check_content(reader, step, value)
             findings["reader: checkpoints verified"] += 1
         if steps:
@@ -254,15 +243,10 @@ def check_reader_view(directory: Path, plan: Plan, findings: Counter[str]) -> No
                 assert window and all(plan.shared(s) for s in steps), "restore() found nothing good"
             else:
                 assert reader.restored is not None
-                if not _known_replaced(window, plan, reader.restored.step, value):
-                    plan.check_content(reader, reader.restored.step, value)
+                plan.check_content(reader, reader.restored.step, value)
     for w in caught:
         assert issubclass(w.category, ckptmgr.CheckpointWarning), f"unexpected warning {w.message}"
         assert window, f"a reader warned after a crash: {w.message}"
-
-
-def _known_replaced(window: bool, plan: Plan, step: int, value: Any) -> bool:
-    return KNOWN_REPLACED_PAYLOAD_BUG and window and plan.shared(step) and _replaced_since(plan, step, value)
 
 
 def check_writer_view(directory: Path, plan: Plan, promised: set[int], findings: Counter[str],

@@ -3,8 +3,9 @@
 Usage (from the repository root)::
 
     .venv/bin/python tools/reliability_report.py           # the default suite (a few minutes)
-    .venv/bin/python tools/reliability_report.py --full    # and the slow variants (-m slow)
+    .venv/bin/python tools/reliability_report.py --full    # and the slow variants (-m slow), ~13 minutes
     .venv/bin/python tools/reliability_report.py --results DIR   # keep the raw counts
+    .venv/bin/python tools/reliability_report.py --from DIR      # only re-render kept counts
 
 It runs ``pytest tests/test_reliability_*.py`` with ``CKPTMGR_RELIABILITY_RESULTS`` set:
 every harness test appends what it tried and what it saw (JSON lines, see
@@ -162,20 +163,19 @@ MANAGER: list[dict[str, str]] = [
                 "commit record describes the file, and returned under the listed record. After a crash between "
                 "the two renames of a payload replaced under its own name (the commit stays pending until a "
                 "writer opens), readers get step 6's file as step 3, with step 3's metadata: wrong data, "
-                "silently. Found by the random SIGKILLs (payload workload) and the deterministic crash points; "
-                "counted by the crash harness as \"known bug M8\" while open.",
+                "silently. Found by the random SIGKILLs (payload workload) and the deterministic crash points.",
         "fix": "A file that a pending commit describes belongs to that commit's step: treat the listed record as "
                "replaced (restore(step): not found; restore(): the next candidate), or serve it as the commit's "
-               "step; then set tests/_reliability.py KNOWN_REPLACED_PAYLOAD_BUG = False.",
+               "step.",
     },
 ]
 
 NOTICED: list[str] = [
     "**A payload replaced under its own name has a window.** Between the two renames of its commit the old "
-    "metadata sits next to the new file. After a crash there, readers report that checkpoint as corrupt (with "
-    "a warning, never returning it) until the next writer opens and finishes the commit (counted below as "
-    "\"replaced payload seen corrupt\"). A live reader meets the same window: see the open manager bug about "
-    "a reader between the two renames.",
+    "metadata sits next to the new file, and after a crash there it stays so until the next writer opens "
+    "and finishes the commit. Readers then reported that checkpoint as corrupt, with a warning, never "
+    "returning it. 5344d13 handed them the new file under the old step instead (M8, above); since 091983f "
+    "the old step is not found and restore() serves the file as the step its pending commit describes.",
     "**restore() of a payload returns a path.** Retention or a same-name save may delete or replace the file "
     "after restore() returned. This is inherent to returning a path. The concurrency readers count it as "
     "\"stale\".",
@@ -309,11 +309,18 @@ def _merged(rows: list[dict[str, Any]], area: str, *, slow: bool | None = None) 
     return merged
 
 
-def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, seconds: float, code: int) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ckptmgr", "tests"],
+                           cwd=ROOT, capture_output=True, text=True)
+    return head.stdout.strip() + (" with local changes" if dirty.stdout.strip() else "")
+
+
+def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, seconds: float, code: int,
+           when: str, commit: str) -> str:
     outcomes = junit["outcomes"]
     outcome_text = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no JUnit report"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = when
     mode = "default suite and slow variants (--full)" if full else "default suite"
     out: list[str] = []
     out.append("# Reliability and security harness\n")
@@ -323,10 +330,10 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         "**Generated. Do not edit.** To regenerate:\n\n"
         "```\n"
         ".venv/bin/python tools/reliability_report.py          # default suite, about 3 minutes on 2 cores\n"
-        ".venv/bin/python tools/reliability_report.py --full   # and the slow variants (-m slow), about 10 minutes\n"
+        ".venv/bin/python tools/reliability_report.py --full   # and the slow variants (-m slow), about 13 minutes\n"
         "```\n"
     )
-    out.append(f"Last run: {now}, commit `{commit}`, {mode}, {seconds / 60:.1f} minutes; pytest: {outcome_text}"
+    out.append(f"Last run: {now}, at `{commit}`, {mode}, {seconds / 60:.1f} minutes; pytest: {outcome_text}"
                f"{'' if code == 0 else f' (exit status {code})'}.\n")
     if junit["failures"]:
         out.append("**Failing in this run:** " + ", ".join(f"`{f}`" for f in junit["failures"]) + "\n")
@@ -359,8 +366,9 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         ["Hostile input", "crafted HDF5 files (links, virtual and external storage, object/vlen types, absurd "
          "sizes, hard-link amplification, deep nesting, hostile dtype strings) and directory entries (names "
          "outside, links, FIFOs, pickles, huge metadata)", *_fmt(hostile, full)],
-        ["Concurrency: readers", "restores by reader processes (latest, by step) while a writer saves and "
-         "deletes (retention, async, payloads)", *_fmt(restores, full)],
+        ["Concurrency: readers", "restores by reader processes (latest, best, by step) while a writer saves "
+         "and deletes (retention, async, payloads under their own and under a shared name, index updates)",
+         *_fmt(restores, full)],
         ["Concurrency: writers", "lock attempts by three contending writer processes; writers killed inside "
          "their save loop and taken over at the first try", f"{contended:,} attempts, {take_overs[0]:,} take-overs",
          "same"],
@@ -410,8 +418,10 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         calls = Counter({k.split(": ", 1)[1].split(" ", 1)[1]: v for k, v in c.items() if k.startswith("point: before")})
         table.append([r["test"], str(c.get("calls", 0)), str(c.get("crash points", 0)),
                       ", ".join(f"{k} x{v}" for k, v in sorted(calls.items())),
-                      str(c.get("reader: replaced payload seen corrupt (commit window)", 0))])
-    out.append(_table(["Workload", "Calls", "Crash points", "Calls crashed before and after", "Replaced payload seen corrupt by a reader"], table) + "\n")
+                      str(c.get("reader: replaced payload is no longer the old step (commit window)", 0))])
+    out.append(_table(["Workload", "Calls", "Crash points", "Calls crashed before and after",
+                       "Reader after a crash between a replaced payload's renames: old step not found"],
+                      table) + "\n")
 
     out.append("### Random SIGKILLs\n")
     kill_rows = []
@@ -422,7 +432,8 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         landed_all += landed
         kill_rows.append([r["test"], str(c.get("kills", 0)), str(c.get("kills during start-up", 0)),
                           str(c.get("steps promised", 0)), str(c.get("writer: checkpoints verified", 0))])
-    out.append(_table(["Workload", "Kills", "During start-up", "Steps promised", "Checkpoints verified after kills"], kill_rows) + "\n")
+    out.append(_table(["Workload", "Kills", "During start-up", "Steps promised", "Checkpoints verified after kills"],
+                      kill_rows) + "\n")
     out.append("Where the kills landed (the innermost hooked call or phase in progress; \"write tmp\" is the HDF5 "
                "write of a native checkpoint):\n")
     out.append(_table(["Landed in", "Kills"], [[k, str(v)] for k, v in landed_all.most_common()]) + "\n")
@@ -475,17 +486,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="also run the slow variants (-m slow)")
     parser.add_argument("--results", type=Path, help="keep the raw counts (JSON lines) and JUnit XML here")
+    parser.add_argument("--from", dest="source", type=Path, help="re-render the counts kept by an earlier --results")
     parser.add_argument("--output", type=Path, default=ROOT / "RELIABILITY.md")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (e.g. -x)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ckptmgr-reliability-") as scratch:
-        results = args.results or Path(scratch)
-        results.mkdir(parents=True, exist_ok=True)
-        for stale in results.glob("results-*.jsonl"):
-            stale.unlink()
-        code, seconds, junit = run_harness(args.full, results, args.pytest_args)
+        if args.source is not None:
+            results = args.source
+            run = json.loads((results / "run.json").read_text())
+            code, seconds, full = int(run["code"]), float(run["seconds"]), bool(run["full"])
+            when, commit, junit = str(run["when"]), str(run["commit"]), results / "junit.xml"
+        else:
+            results = args.results or Path(scratch)
+            results.mkdir(parents=True, exist_ok=True)
+            for stale in results.glob("results-*.jsonl"):
+                stale.unlink()
+            full = args.full
+            when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            commit = _commit()
+            code, seconds, junit = run_harness(full, results, args.pytest_args)
+            (results / "run.json").write_text(json.dumps(
+                {"code": code, "seconds": seconds, "full": full, "when": when, "commit": commit}))
         rows = load_counts(results)
-        text = render(rows, load_junit(junit), full=args.full, seconds=seconds, code=code)
+        text = render(rows, load_junit(junit), full=full, seconds=seconds, code=code, when=when, commit=commit)
     args.output.write_text(re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n")
     print(f"wrote {args.output} ({len(rows)} result records, pytest exit {code})")
     return code
