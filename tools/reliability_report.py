@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     .venv/bin/python tools/reliability_report.py           # the default suite (a few minutes)
-    .venv/bin/python tools/reliability_report.py --full    # and the slow variants (-m slow), ~13 minutes
+    .venv/bin/python tools/reliability_report.py --full    # and the slow variants (-m slow), 10-13 minutes
     .venv/bin/python tools/reliability_report.py --results DIR   # keep the raw counts
     .venv/bin/python tools/reliability_report.py --from DIR      # only re-render kept counts
 
@@ -330,7 +330,7 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         "**Generated. Do not edit.** To regenerate:\n\n"
         "```\n"
         ".venv/bin/python tools/reliability_report.py          # default suite, about 3 minutes on 2 cores\n"
-        ".venv/bin/python tools/reliability_report.py --full   # and the slow variants (-m slow), about 13 minutes\n"
+        ".venv/bin/python tools/reliability_report.py --full   # and the slow variants (-m slow), 10-13 minutes\n"
         "```\n"
     )
     out.append(f"Last run: {now}, at `{commit}`, {mode}, {seconds / 60:.1f} minutes; pytest: {outcome_text}"
