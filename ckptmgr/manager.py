@@ -10,7 +10,6 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -18,8 +17,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from . import codec, storage
+from ._retention import Catalog, IncrementalKeep
+from ._retention import Record as _Record
 from .errors import (
     CheckpointError,
+    CheckpointIOError,
     CheckpointNotFoundError,
     CheckpointWarning,
     CorruptCheckpointError,
@@ -38,7 +40,6 @@ from .policies import (
     RetentionPolicy,
     SaveContext,
     SavePolicy,
-    best_order,
 )
 
 T = TypeVar("T")
@@ -48,6 +49,11 @@ Which = int | Literal["latest", "best"]
 # under it by the writer's retention (each retry sees a newer latest).
 _READ_RETRIES = 20
 _MAX_STEP = 2**63 - 1
+# The index (a cache of every checkpoint's metadata) is rewritten once this many saves
+# are missing from it, at most once per this many seconds or 100 times its last write
+# time: opening after a crash then reads the few newest checkpoints' metadata, not all.
+_INDEX_AFTER_SAVES = 16
+_INDEX_MIN_INTERVAL = 5.0
 
 
 def _policy_leaves(policy: object) -> Iterator[object]:
@@ -64,23 +70,6 @@ _META_KEYS = ("step", "time", "metrics", "nbytes", "tracker", "name", "size", "c
 def _meta_subset(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a checkpoint's metadata the manager keeps in memory and in the index."""
     return {k: manifest[k] for k in _META_KEYS if k in manifest}
-
-
-@dataclass
-class _Record:
-    """The manager's view of one checkpoint."""
-
-    info: CheckpointInfo
-    meta: dict[str, Any]
-    corrupt: str | None = None
-    sidecar: str | None = None  # payload checkpoints: the metadata file's name
-    recorded_reasons: tuple[str, ...] = ()  # what the writer's index said, for readers
-
-    @property
-    def files(self) -> list[str]:
-        # The payload before its sidecar: a deletion cut short leaves a sidecar
-        # without payload, which the next writer removes, never an untracked payload.
-        return [self.info.path.name] + ([self.sidecar] if self.sidecar else [])
 
 
 class CheckpointManager:
@@ -195,7 +184,13 @@ class CheckpointManager:
         self._clock = clock
         self._directory = Path(os.path.abspath(os.fspath(directory)))
         self._mutex = threading.RLock()
-        self._records: dict[int, _Record] = {}
+        self._catalog = Catalog()
+        # The labels (keep_reasons) are those of the manager's own policy for every
+        # checkpoint but the catalog's pending changes: the next save may then relabel
+        # only the checkpoints those changes can affect (see _retention.py).
+        self._labels_current = False
+        self._labelled: set[int] = set()  # latest, best and just saved, as last labelled
+        self._unretained: set[int] = set()  # kept only because deleting failed or was deferred
         self._closed = False
         self._lock: storage.DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -204,6 +199,8 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._pending_best: tuple[float | None, int | None] = (None, None)
         self._last_save_time = clock()
+        self._unindexed = 0  # saves since the index was last written
+        self._index_next = 0.0  # time.monotonic() before which it is not rewritten
         self._restored: CheckpointInfo | None = None
 
         if read_only:
@@ -242,6 +239,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ properties
 
     @property
+    def _records(self) -> dict[int, _Record]:
+        return self._catalog.records
+
+    @property
     def directory(self) -> Path:
         """The checkpoint directory (absolute)."""
         return self._directory
@@ -256,7 +257,7 @@ class CheckpointManager:
         """Committed checkpoints, ascending step (corrupt ones included, with reason "corrupt")."""
         self._refresh_if_reader()
         with self._mutex:
-            return [self._records[s].info for s in sorted(self._records)]
+            return [self._records[s].info for s in self._catalog.steps]
 
     @property
     def restored(self) -> CheckpointInfo | None:
@@ -272,7 +273,7 @@ class CheckpointManager:
         """The checkpoint with the highest step, or None."""
         self._refresh_if_reader()
         with self._mutex:
-            return self._records[max(self._records)].info if self._records else None
+            return self._records[self._catalog.steps[-1]].info if self._records else None
 
     @property
     def best(self) -> CheckpointInfo | None:
@@ -298,9 +299,11 @@ class CheckpointManager:
             return record.info
         # Otherwise (metrics reported between saves, or a directory from elsewhere) the
         # best value among the checkpoints, if it beats the baseline.
-        ranked = best_order([r.info for r in self._records.values()], tracker.monitor, tracker.mode)
-        if ranked and tracker.is_better(ranked[0].metrics[tracker.monitor], None):
-            return ranked[0]
+        ranking = self._catalog.ranking(tracker.monitor, tracker.mode)
+        if ranking:
+            first = self._records[ranking[0][1]].info
+            if tracker.is_better(first.metrics[tracker.monitor], None):
+                return first
         return None
 
     def __repr__(self) -> str:
@@ -423,7 +426,7 @@ class CheckpointManager:
 
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
-            steps = [*self._records, *([] if self._pending_step is None else [self._pending_step])]
+            steps = [*self._catalog.steps[-1:], *([] if self._pending_step is None else [self._pending_step])]
             last_step = max(steps) if steps else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
@@ -445,15 +448,17 @@ class CheckpointManager:
         """Take a just-committed checkpoint into the records, then run retention."""
         step = record.info.step
         with self._mutex:
-            replaced = [r for r in self._records.values()
-                        if r.info.step == step or r.info.path == record.info.path]
-            for old in replaced:
-                del self._records[old.info.step]
-            self._records[step] = record
+            same_file = self._catalog.step_of_file(record.info.path.name)
+            replaced = [old for s in {step, same_file} if s is not None
+                        and (old := self._catalog.remove(s)) is not None]
+            self._catalog.add(record)
             # The same step saved under another name: the new checkpoint replaces it.
             stale = [f for old in replaced if old.info.path != record.info.path for f in old.files]
             self._delete_files(stale)
             self._apply_retention(just_saved=step)
+            self._unindexed += 1
+            if self._unindexed >= _INDEX_AFTER_SAVES and time.monotonic() >= self._index_next:
+                self._write_index()
             return self._records[step].info
 
     def wait(self) -> None:
@@ -528,7 +533,7 @@ class CheckpointManager:
                 own = record.info.path.name
                 if own in failures:
                     raise storage.io_error("Cannot delete checkpoint", record.info.path, failures[own])
-                del self._records[step]
+                self._catalog.remove(step)
         storage.remove_files(self._directory, [storage.INDEX_NAME])
         self._closed = True
         if self._executor is not None:
@@ -621,9 +626,10 @@ class CheckpointManager:
         computed; what would go is marked "unretained". Returns what was (or would be)
         deleted.
         """
-        infos = [self._records[s].info for s in sorted(self._records)]
-        if not infos:
+        if not self._records:
+            self._catalog.settle()
             return []
+        own = policy == "own"
         keep = self._keep if policy == "own" else policy
         if keep is None and self._read_only and any(r.recorded_reasons for r in self._records.values()):
             # A reader does not know the writer's policies: show what the writer said
@@ -634,31 +640,58 @@ class CheckpointManager:
                     recorded += (f"corrupt: {record.corrupt}",)
                 record.info = record.info.with_reasons(recorded)
             return []
-        if keep is None:
-            kept: dict[int, list[str]] = {c.step: ["keep all"] for c in infos}
-        else:
-            context = RetentionContext(
-                now=self._clock(),
-                monitor=self._tracker.monitor if self._tracker else None,
-                mode=self._tracker.mode if self._tracker else "min",
-            )
-            kept = {s: list(r) for s, r in keep.keep(infos, context).items()}
-        # The two protections of invariant 5, whatever the policies say.
-        kept.setdefault(infos[-1].step, []).insert(0, "latest")
-        if just_saved is not None and just_saved not in kept:
-            # A step below the newest (a run resumed from an older checkpoint) that no
-            # policy keeps: deleting what save() just promised would be absurd.
-            kept[just_saved] = ["just saved"]
+        tracker = self._tracker
+        monitor = tracker.monitor if tracker else None
+        mode: Literal["min", "max"] = tracker.mode if tracker else "min"
+        steps = self._catalog.steps
+        latest = steps[-1]
         best = self._best_locked()
-        if best is not None and self._tracker is not None:
-            label = f"best {self._tracker.monitor}"
-            reasons = kept.setdefault(best.step, [])
-            if not any(r.startswith(label) for r in reasons):
-                reasons.insert(0, label)
-        for step, record in self._records.items():
-            if record.corrupt and step in kept:
-                kept[step].append(f"corrupt: {record.corrupt}")
-        doomed = [c for c in infos if c.step not in kept]
+        best_step = best.step if best is not None else None
+        incremental = (
+            IncrementalKeep.build(keep, monitor, mode)
+            if own and delete and self._labels_current and not self._read_only else None
+        )
+        policy_reasons: Callable[[int], list[str] | None]
+        if incremental is not None:
+            # Only what the changes since the last labelling can have moved.
+            todo = sorted(
+                {*incremental.affected(self._catalog), *self._labelled, *self._unretained,
+                 latest, *([] if best_step is None else [best_step]), *([] if just_saved is None else [just_saved])}
+                & self._records.keys()
+            )
+            catalog = self._catalog
+            policy_reasons = lambda step: incremental.reasons(catalog, step)  # noqa: E731
+        else:
+            todo = list(steps)
+            if keep is None:
+                policy_reasons = lambda step: ["keep all"]  # noqa: E731
+            else:
+                context = RetentionContext(now=self._clock(), monitor=monitor, mode=mode)
+                chosen = keep.keep([self._records[s].info for s in steps], context)
+                policy_reasons = lambda step: list(chosen[step]) if step in chosen else None  # noqa: E731
+        kept: dict[int, list[str]] = {}
+        doomed: list[CheckpointInfo] = []
+        for step in todo:
+            reasons = policy_reasons(step)
+            # The two protections of invariant 5, whatever the policies say.
+            if step == latest:
+                reasons = ["latest", *(reasons or [])]
+            if step == just_saved and reasons is None:
+                # A step below the newest (a run resumed from an older checkpoint) that no
+                # policy keeps: deleting what save() just promised would be absurd.
+                reasons = ["just saved"]
+            if step == best_step and tracker is not None:
+                label = f"best {tracker.monitor}"
+                reasons = reasons or []
+                if not any(r.startswith(label) for r in reasons):
+                    reasons.insert(0, label)
+            record = self._records[step]
+            if reasons is None:
+                doomed.append(record.info)
+                continue
+            if record.corrupt:
+                reasons.append(f"corrupt: {record.corrupt}")
+            kept[step] = reasons
         removed: list[CheckpointInfo] = []
         if not delete:
             for info in doomed:
@@ -672,12 +705,26 @@ class CheckpointManager:
             if failed is not None:
                 kept[info.step] = [f"not deleted: {failed}"]
             else:
-                del self._records[info.step]
+                # Deleting a checkpoint no policy keeps moves no other checkpoint's
+                # label: it is in no window, ranking top or interval start.
+                self._catalog.remove(info.step)
                 removed.append(info)
         for step, reasons in kept.items():
             kept_record = self._records.get(step)
             if kept_record is not None and kept_record.info.keep_reasons != tuple(reasons):
                 kept_record.info = kept_record.info.with_reasons(tuple(reasons))
+        if own:
+            self._catalog.settle()
+            self._labels_current = True
+            self._labelled = {latest, *([] if best_step is None else [best_step]),
+                              *([] if just_saved is None else [just_saved])}
+            if incremental is None:
+                self._unretained = {s for s, r in kept.items() if r[0].startswith(("unretained", "not deleted"))}
+            else:
+                self._unretained.difference_update(todo)
+                self._unretained.update(s for s in todo if s in kept and kept[s][0].startswith(("unretained", "not deleted")))
+        else:
+            self._labels_current = False
         return removed
 
     def _delete_files(self, names: list[str]) -> dict[str, OSError]:
@@ -779,7 +826,8 @@ class CheckpointManager:
             if not vanished:
                 break
         with self._mutex:
-            self._records = records
+            self._catalog.reset(records)
+            self._labels_current = False
         if not self._read_only:
             if orphans:
                 storage.remove_files(self._directory, orphans)
@@ -796,7 +844,12 @@ class CheckpointManager:
         return _meta_subset(manifest)
 
     def _write_index(self) -> None:
-        entries = list(storage.scan(self._directory))
+        """Rewrite the index. It is a cache: failing to write it loses nothing."""
+        started = time.monotonic()
+        try:
+            entries = list(storage.scan(self._directory))
+        except CheckpointIOError:
+            return
         with self._mutex:
             by_file = {r.sidecar or r.info.path.name: r for r in self._records.values()}
             data = {
@@ -806,6 +859,9 @@ class CheckpointManager:
                 for e in entries if e.name in by_file
             }
         storage.save_index(self._directory, data)
+        self._unindexed = 0
+        now = time.monotonic()
+        self._index_next = now + max(_INDEX_MIN_INTERVAL, 100 * (now - started))
 
     def _newest_tracker_state(self) -> Any:
         with self._mutex:
@@ -1000,7 +1056,7 @@ class CheckpointManager:
                     raced = True
                     if not self._read_only:
                         with self._mutex:
-                            self._records.pop(record.info.step, None)
+                            self._catalog.remove(record.info.step)
                     break
                 except CorruptCheckpointError as exc:
                     failures.append(str(exc))

@@ -359,7 +359,7 @@ class KeepEvery(_KeepOps):
             bucket_of: Callable[[CheckpointInfo], int] = lambda c: c.step // self.steps  # type: ignore[operator]  # noqa: E731
         else:
             interval = float(self.seconds)  # type: ignore[arg-type]
-            reason = f"every {_seconds_text(interval)}"
+            reason = f"every {seconds_text(interval)}"
             bucket_of = lambda c: math.floor(c.time / interval)  # noqa: E731
         kept: dict[int, list[str]] = {}
         seen: set[int] = set()
@@ -372,7 +372,7 @@ class KeepEvery(_KeepOps):
         return kept
 
 
-def _seconds_text(seconds: float) -> str:
+def seconds_text(seconds: float) -> str:
     for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)} {unit}"

@@ -608,6 +608,30 @@ def test_index_entry_for_a_replaced_file_is_not_trusted(ckpt_dir: Path) -> None:
         assert mgr.restore()["s"] == 2 and "extra" in mgr.restore()
 
 
+def test_index_is_rewritten_during_a_run_so_a_crash_leaves_little_to_read(ckpt_dir: Path) -> None:
+    mgr = CheckpointManager(ckpt_dir, monitor="val_loss", keep=KeepLast(30))
+    for step in range(1, 21):
+        mgr.save(step, {"s": step}, metrics={"val_loss": 1.0 / step})
+    # Not closed (as after a SIGKILL): the index already describes the first 16 saves.
+    entries = json.loads((ckpt_dir / ".ckptmgr-index.json").read_bytes())["entries"]
+    assert sorted(entries) == [f"ckpt-{s:09d}.h5" for s in range(1, 17)]
+    assert all(entries[f"ckpt-{s:09d}.h5"]["meta"]["metrics"] == {"val_loss": 1.0 / s} for s in range(1, 17))
+    # A reader trusts those entries without opening the files: scramble one indexed file's
+    # content but keep its size and mtime, and the listing still shows its metadata.
+    path = ckpt_dir / "ckpt-000000005.h5"
+    st_before = path.stat()
+    path.write_bytes(b"\0" * st_before.st_size)
+    os.utime(path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    with CheckpointManager(ckpt_dir, read_only=True) as reader:
+        assert [c.step for c in reader.checkpoints] == list(range(1, 21))
+        assert reader.checkpoints[4].metrics == {"val_loss": 0.2}
+        assert not any(r.startswith("corrupt") for r in reader.checkpoints[4].keep_reasons)
+        # ...and the checksums still catch the damage when it is restored.
+        with pytest.raises(ckptmgr.CorruptCheckpointError, match="ckpt-000000005.h5"):
+            reader.restore(5)
+    mgr.close()
+
+
 # ------------------------------------------------------------------------ async
 
 
