@@ -202,6 +202,7 @@ class CheckpointManager:
         self._unindexed = 0  # saves since the index was last written
         self._index_next = 0.0  # time.monotonic() before which it is not rewritten
         self._restored: CheckpointInfo | None = None
+        self._index_seen: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
         if read_only:
             if not self._directory.is_dir():
@@ -767,7 +768,7 @@ class CheckpointManager:
         The writer also removes sidecars whose payload is gone (a deletion cut short)
         and refreshes the index when it was stale.
         """
-        index = storage.load_index(self._directory)
+        index = self._load_index()
         for _attempt in range(_READ_RETRIES):
             vanished = False
             entries = list(storage.scan(self._directory))
@@ -833,6 +834,17 @@ class CheckpointManager:
                 storage.remove_files(self._directory, orphans)
             if changed:
                 self._write_index()
+
+    def _load_index(self) -> dict[str, Any]:
+        """The index, parsed again only when it was replaced (a reader refreshes often)."""
+        try:
+            st = os.stat(self._directory / storage.INDEX_NAME, follow_symlinks=False)
+        except OSError:
+            return {}
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._index_seen is None or self._index_seen[0] != key:
+            self._index_seen = (key, storage.load_index(self._directory))
+        return self._index_seen[1]
 
     def _read_entry_meta(self, entry: storage.Entry) -> dict[str, Any]:
         path = self._directory / entry.name
