@@ -719,11 +719,13 @@ class CheckpointManager:
             self._labels_current = True
             self._labelled = {latest, *([] if best_step is None else [best_step]),
                               *([] if just_saved is None else [just_saved])}
+            # Checkpoints still there that no policy keeps: the next save retries them.
+            pending = {s for s, r in kept.items() if r and r[0].startswith(("unretained", "not deleted"))}
             if incremental is None:
-                self._unretained = {s for s, r in kept.items() if r[0].startswith(("unretained", "not deleted"))}
+                self._unretained = pending
             else:
                 self._unretained.difference_update(todo)
-                self._unretained.update(s for s in todo if s in kept and kept[s][0].startswith(("unretained", "not deleted")))
+                self._unretained.update(pending)
         else:
             self._labels_current = False
         return removed

@@ -214,3 +214,20 @@ def test_a_policy_the_evaluator_does_not_know_is_evaluated_in_full() -> None:
     assert IncrementalKeep.build(Opaque(ckptmgr.KeepLast(2)), None, "min") is None
     assert IncrementalKeep.build(ckptmgr.KeepLast(2) | Opaque(ckptmgr.KeepLast(1)), None, "min") is None
     assert IncrementalKeep.build(ckptmgr.KeepLast(2) | ckptmgr.KeepEvery(steps=5), None, "min") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEvenSilently:
+    """A user policy that keeps even steps and gives no reason."""
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext) -> Mapping[int, list[str]]:
+        return {c.step: [] for c in checkpoints if c.step % 2 == 0}
+
+
+def test_a_user_policy_may_keep_without_reasons(tmp_path: Path) -> None:
+    with ckptmgr.CheckpointManager(tmp_path, keep=KeepEvenSilently()) as mgr:
+        for step in range(1, 8):
+            mgr.save(step, {"s": step})
+        assert [(c.step, c.keep_reasons) for c in mgr.checkpoints] == [
+            (2, ()), (4, ()), (6, ()), (7, ("latest",)),
+        ]
