@@ -67,7 +67,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from h5py import h5t
+from h5py import h5a, h5d, h5fd, h5g, h5l, h5s, h5t
 
 from . import storage
 from .errors import CheckpointError, CorruptCheckpointError
@@ -161,7 +161,19 @@ def _dtype_to_str(dtype: np.dtype[Any]) -> str | None:
     return None
 
 
+_parsed_dtypes: dict[str, np.dtype[Any]] = {}  # the manifest names met so far that are valid
+
+
 def _dtype_from_str(text: object, where: str) -> np.dtype[Any]:
+    """The dtype a manifest names; raises CorruptCheckpointError for one not supported."""
+    dtype = _parsed_dtypes.get(text) if type(text) is str else None
+    if dtype is None:
+        # Only valid names are kept: a few dozen at most, whatever files say.
+        dtype = _parsed_dtypes[text] = _parse_dtype(text, where)  # type: ignore[index]
+    return dtype
+
+
+def _parse_dtype(text: object, where: str) -> np.dtype[Any]:
     if not isinstance(text, str) or len(text) > 32:
         raise CorruptCheckpointError(f"{where}: invalid dtype {text!r}")
     if text[:1] in "<>|=":
@@ -484,6 +496,18 @@ def _create_empty_groups(f: h5py.File, spec: dict[str, Any], h5path: str) -> Non
 
 
 # ------------------------------------------------------------------------ decoding
+#
+# Reading opens the file with h5py and does the rest with h5py's low-level API (h5g,
+# h5l, h5a, h5d): its high-level objects make property lists and wrappers on every
+# access (a dataset's is_virtual, external, chunks and compression each make a
+# creation property list; so does opening it), which cost about 0.3 ms a leaf, most of
+# reading a checkpoint of small arrays, and half of read_meta. Here a dataset is opened
+# once, by a link checked to be a hard one, its storage checked with one creation
+# property list, and the groups above it stay open for the next leaf.
+
+_INT64 = h5t.py_create(np.dtype(np.int64))
+_memory_types: dict[np.dtype[Any], Any] = {}
+_LINK_KINDS = {h5l.TYPE_SOFT: "SoftLink", h5l.TYPE_EXTERNAL: "ExternalLink"}
 
 
 def _open(path: str | os.PathLike[str]) -> h5py.File:
@@ -499,30 +523,118 @@ def _open(path: str | os.PathLike[str]) -> h5py.File:
         raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable HDF5 file ({exc})") from exc
 
 
-def _hard_child(group: h5py.Group, name: str, where: str) -> Any:
-    link = group.get(name, getlink=True)
-    if link is None:
-        raise CorruptCheckpointError(f"{where}: missing {name!r}")
-    if not isinstance(link, h5py.HardLink):
-        raise CorruptCheckpointError(f"{where}: {name!r} is a {type(link).__name__}, refused")
-    return group[name]
+class _File:
+    """A checkpoint file open for reading; a context manager that closes all it opened.
+
+    :meth:`dataset` opens a leaf by its path, following hard links only, and keeps the
+    groups on that path open: the next leaf, usually a sibling, reuses them.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.where = os.fspath(path)
+        self.id = _open(path).id
+        self.size = 0
+        self._groups: list[tuple[str, Any]] = [("", self.id)]  # open groups, root first
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Every object opened in the file is closed where it was opened (the groups
+        # here), so closing the file's identifier closes the file; h5py.File.close()
+        # would first search the library for objects still open (about 50 us).
+        for _name, gid in reversed(self._groups[1:]):
+            gid.close()
+        del self._groups[1:]
+        self.id.close()
+
+    def filesize(self) -> int:
+        if not self.size:
+            self.size = int(self.id.get_filesize())
+        return self.size
+
+    def child(self, gid: Any, name: str, open_as: Callable[[Any, bytes], Any], wrong_kind: str) -> Any:
+        """Open ``gid``'s member ``name`` with ``open_as`` (``h5g.open`` or ``h5d.open``).
+
+        Soft, external and user-defined links are refused, never followed; a member of
+        the wrong kind is refused with the message ``wrong_kind``.
+        """
+        key = name.encode("utf-8", "surrogatepass")
+        try:
+            kind = gid.links.get_info(key).type
+        except RuntimeError:  # HDF5's "name doesn't exist"
+            raise CorruptCheckpointError(f"{self.where}: missing {name!r}") from None
+        if kind != h5l.TYPE_HARD:
+            link = _LINK_KINDS.get(kind, "user-defined link")
+            raise CorruptCheckpointError(f"{self.where}: {name!r} is a {link}, refused")
+        try:
+            return open_as(gid, key)
+        except (KeyError, ValueError) as exc:  # HDF5's "not a dataset", "not a group"
+            raise CorruptCheckpointError(f"{self.where}: {wrong_kind}") from exc
+
+    def dataset(self, h5path: str) -> Any:
+        """The dataset at ``h5path`` (absolute, as the tree names it), opened."""
+        parts = h5path.split("/")  # "", "state", ..., leaf
+        groups = self._groups
+        keep = 1
+        limit = min(len(groups), len(parts) - 1)
+        while keep < limit and groups[keep][0] == parts[keep]:
+            keep += 1
+        for _name, gid in reversed(groups[keep:]):
+            gid.close()
+        del groups[keep:]
+        for part in parts[keep:-1]:
+            groups.append((part, self.child(groups[-1][1], part, h5g.open, f"{h5path} is not where the tree says")))
+        return self.child(groups[-1][1], parts[-1], h5d.open, f"{h5path} is not a dataset")
 
 
-def _read_manifest(f: h5py.File, where: str) -> dict[str, Any]:
-    if f.attrs.get("ckptmgr_format") is None:
+def _int_attribute(f: _File, name: bytes) -> int | str | None:
+    """The root's integer scalar attribute ``name``; None if missing; a description if it is
+    something else (never read: it could be a reference or a variable-length string)."""
+    if not h5a.exists(f.id, name):
+        return None
+    aid = h5a.open(f.id, name)
+    try:
+        tid = aid.get_type()
+        if tid.get_class() != h5t.INTEGER:
+            return f"a non-integer attribute (HDF5 type class {tid.get_class()})"
+        if aid.get_space().get_simple_extent_type() != h5s.SCALAR:
+            return "an attribute that is not a scalar"
+        value = np.empty((), np.int64)
+        aid.read(value, mtype=_INT64)  # any integer type converts; uint32 exactly
+        return int(value)
+    finally:
+        aid.close()
+
+
+def _read_manifest(f: _File) -> dict[str, Any]:
+    where = f.where
+    fmt = _int_attribute(f, b"ckptmgr_format")
+    if fmt is None:
         raise CorruptCheckpointError(f"{where}: not a ckptmgr checkpoint (no ckptmgr_format)")
-    fmt = f.attrs["ckptmgr_format"]
-    if not isinstance(fmt, (int, np.integer)) or int(fmt) != FORMAT_VERSION:
+    if fmt != FORMAT_VERSION:
         raise CorruptCheckpointError(f"{where}: unsupported format version {fmt!r}")
-    ds = _hard_child(f, MANIFEST, where)
-    if not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1:
-        raise CorruptCheckpointError(f"{where}: malformed manifest")
-    _check_dataset_storage(ds, ds.shape[0], where)
-    if ds.shape[0] > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"{where}: manifest too large ({ds.shape[0]} bytes)")
-    blob = ds[()].tobytes()
-    expected = f.attrs.get("ckptmgr_manifest_crc32")
-    if expected is None or checksum(blob) != int(expected):
+    h5path = "/" + MANIFEST
+    ds = f.child(f.id, MANIFEST, h5d.open, "malformed manifest")
+    try:
+        shape = ds.shape
+        if shape is None or len(shape) != 1 or not ds.get_type().equal(_memory_type(np.dtype(np.uint8))):
+            raise CorruptCheckpointError(f"{where}: malformed manifest")
+        size = shape[0]
+        _check_dataset_storage(ds, size, where, h5path)
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{where}: manifest too large ({size} bytes)")
+        buffer = np.empty(size, np.uint8)
+        if size:
+            ds.read(h5s.ALL, h5s.ALL, buffer)
+    finally:
+        ds.close()
+    blob = buffer.tobytes()
+    expected = _int_attribute(f, b"ckptmgr_manifest_crc32")
+    if type(expected) is not int or checksum(blob) != expected:
         raise CorruptCheckpointError(f"{where}: manifest checksum mismatch")
     try:
         manifest = json.loads(blob.decode("utf-8"))
@@ -533,14 +645,17 @@ def _read_manifest(f: h5py.File, where: str) -> dict[str, Any]:
     return manifest
 
 
-def _check_dataset_storage(ds: h5py.Dataset, nbytes: int, where: str) -> None:
-    if ds.is_virtual or ds.external:
-        raise CorruptCheckpointError(f"{where}: {ds.name} uses external or virtual storage, refused")
-    if ds.chunks is not None or ds.compression is not None:
-        raise CorruptCheckpointError(f"{where}: {ds.name} has an unexpected layout")
-    if nbytes and ds.id.get_storage_size() != nbytes:
+def _check_dataset_storage(ds: Any, nbytes: int, where: str, h5path: str) -> None:
+    """Refuse all but plain contiguous or compact storage of exactly ``nbytes`` bytes."""
+    dcpl = ds.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL or dcpl.get_external_count():
+        raise CorruptCheckpointError(f"{where}: {h5path} uses external or virtual storage, refused")
+    if layout not in (h5d.CONTIGUOUS, h5d.COMPACT) or dcpl.get_nfilters():
+        raise CorruptCheckpointError(f"{where}: {h5path} has an unexpected layout")
+    if nbytes and ds.get_storage_size() != nbytes:
         raise CorruptCheckpointError(
-            f"{where}: {ds.name} stores {ds.id.get_storage_size()} bytes, expected {nbytes}"
+            f"{where}: {h5path} stores {ds.get_storage_size()} bytes, expected {nbytes}"
         )
 
 
@@ -552,9 +667,8 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         CorruptCheckpointError: not a ckptmgr file, or its manifest is damaged.
         OSError: the file could not be read.
     """
-    where = os.fspath(path)
-    with _reading(where), _open(path) as f:
-        return _read_manifest(f, where)
+    with _reading(os.fspath(path)), _File(path) as f:
+        return _read_manifest(f)
 
 
 def _validate_shape(node: dict[str, Any], where: str) -> tuple[int, ...]:
@@ -568,28 +682,38 @@ def _validate_shape(node: dict[str, Any], where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _direct_fd(f: h5py.File) -> int | None:
+def _direct_fd(f: _File) -> int | None:
     """The descriptor HDF5 reads ``f`` through, where leaves can be read from it directly."""
-    if f.driver != "sec2":  # HDF5_DRIVER can pick another driver for the whole process
+    # HDF5_DRIVER can pick another driver for the whole process.
+    if f.id.get_access_plist().get_driver() != h5fd.SEC2:
         return None
     handle = f.id.get_vfd_handle()
     return handle if type(handle) is int else None
 
 
-def _direct_offset(ds: h5py.Dataset, dtype: np.dtype[Any], nbytes: int, f: h5py.File, where: str) -> int | None:
+def _memory_type(dtype: np.dtype[Any]) -> Any:
+    """HDF5's type for ``dtype`` in memory (what a read converts to), made once per dtype."""
+    tid = _memory_types.get(dtype)
+    if tid is None:
+        tid = _memory_types[dtype] = h5t.py_create(dtype)
+    return tid
+
+
+def _direct_offset(ds: Any, dtype: np.dtype[Any], nbytes: int, f: _File, h5path: str) -> int | None:
     """Where ``ds``'s bytes start in the file, when they are the array's bytes as they are.
 
     That is a contiguous dataset (chunked, filtered, external and virtual ones are
-    refused before this) whose file type HDF5 would copy without converting it. Bools
-    keep HDF5's read; a compact dataset (stored in its header) has no offset.
+    refused before this) whose file type is ``dtype``'s own, which HDF5 would copy
+    without converting it (the caller checks). Bools keep HDF5's read; a compact
+    dataset (stored in its header) has no offset.
     """
-    if dtype.kind == "b" or not ds.id.get_type().equal(h5t.py_create(dtype)):
+    if dtype.kind == "b":
         return None
-    offset = ds.id.get_offset()
+    offset = ds.get_offset()
     if offset is None:
         return None
-    if offset + nbytes > f.id.get_filesize():
-        raise CorruptCheckpointError(f"{where}: {ds.name} runs past the end of the file")
+    if offset + nbytes > f.filesize():
+        raise CorruptCheckpointError(f"{f.where}: {h5path} runs past the end of the file")
     return int(offset)
 
 
@@ -618,9 +742,12 @@ def _pread_checked(
     return value
 
 
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "(no dataspace)" if shape is None else str(list(shape))
+
+
 def _read_leaf(
-    f: h5py.File, node: dict[str, Any], h5path: str, where: str, crc: Callable[[Any, int], int] | None,
-    fd: int | None,
+    f: _File, node: dict[str, Any], h5path: str, crc: Callable[[Any, int], int] | None, fd: int | None,
 ) -> np.ndarray[Any, Any]:
     """Read one leaf straight into its final array; with ``crc``, verify its checksum.
 
@@ -628,35 +755,34 @@ def _read_leaf(
     pread, bypassing HDF5 (same bytes, without its per-read overhead), in cache-sized
     slabs each checksummed while still in cache.
     """
+    where = f.where
     dtype = _dtype_from_str(node.get("dtype"), where)
     shape = _validate_shape(node, where)
     nbytes = math.prod(shape) * dtype.itemsize
-    group: Any = f
-    parts = h5path.strip("/").split("/")
-    for part in parts:
-        if not isinstance(group, h5py.Group):
-            raise CorruptCheckpointError(f"{where}: {h5path} is not where the tree says")
-        group = _hard_child(group, part, where)
-    ds = group
-    if not isinstance(ds, h5py.Dataset):
-        raise CorruptCheckpointError(f"{where}: {h5path} is not a dataset")
     raw = _is_raw(dtype)
     stored_shape = (*shape, dtype.itemsize) if raw else shape
     stored_dtype = np.dtype(np.uint8) if raw else dtype
-    if ds.shape != stored_shape or ds.dtype != stored_dtype:
-        raise CorruptCheckpointError(
-            f"{where}: {h5path} is {ds.dtype}{list(ds.shape)}, "
-            f"the manifest says {stored_dtype}{list(stored_shape)}"
-        )
-    _check_dataset_storage(ds, nbytes, where)
-    out = np.empty(shape, dtype)
-    offset = _direct_offset(ds, stored_dtype, nbytes, f, where) if fd is not None and nbytes else None
-    if fd is not None and offset is not None:
-        value = _pread_checked(fd, offset, out.reshape(-1).view(np.uint8), crc, where, h5path)
-    else:
-        if nbytes:
-            ds.read_direct(out.reshape(-1).view(np.uint8).reshape(stored_shape) if raw else out)
-        value = crc(_contiguous_bytes(out), 0) if crc is not None else 0
+    ds = f.dataset(h5path)
+    try:
+        # A file type equal to the array's own needs no conversion (the usual case, and
+        # cheaper to tell than the NumPy dtype h5py derives from the file type).
+        as_is = ds.get_type().equal(_memory_type(stored_dtype))
+        if ds.shape != stored_shape or not (as_is or ds.dtype == stored_dtype):
+            raise CorruptCheckpointError(
+                f"{where}: {h5path} is {ds.dtype}{_shape_text(ds.shape)}, "
+                f"the manifest says {stored_dtype}{list(stored_shape)}"
+            )
+        _check_dataset_storage(ds, nbytes, where, h5path)
+        out = np.empty(shape, dtype)
+        offset = _direct_offset(ds, stored_dtype, nbytes, f, h5path) if as_is and fd is not None and nbytes else None
+        if fd is not None and offset is not None:
+            value = _pread_checked(fd, offset, out.reshape(-1).view(np.uint8), crc, where, h5path)
+        else:
+            if nbytes:
+                ds.read(h5s.ALL, h5s.ALL, out.reshape(-1).view(np.uint8).reshape(stored_shape) if raw else out)
+            value = crc(_contiguous_bytes(out), 0) if crc is not None else 0
+    finally:
+        ds.close()
     if crc is not None and value != node.get("crc"):
         raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
     return out
@@ -750,17 +876,18 @@ def _build(spec: Any, leaf_value: Callable[[dict[str, Any], str], Any], where: s
     return build(spec, "/" + STATE, 0)
 
 
-def _check_claimed_bytes(f: h5py.File, spec: Any, where: str) -> None:
+def _check_claimed_bytes(f: _File, spec: Any) -> None:
     """Refuse a tree (validating it) whose arrays add up to more bytes than the file has.
 
     Each leaf's dataset must store exactly its bytes, but HDF5 hard links (or crafted
     layouts) can put one stored dataset under many names: reading each would allocate
     its size again, a 1 MB file making the reader allocate gigabytes.
     """
+    where = f.where
     total = 0
     for _keys, _h5path, node in iter_leaves(spec, where):
         total += math.prod(_validate_shape(node, where)) * _dtype_from_str(node.get("dtype"), where).itemsize
-    size = f.id.get_filesize()
+    size = f.filesize()
     if total > size:
         raise CorruptCheckpointError(f"{where}: the tree claims {total} bytes of arrays, the file has {size}")
 
@@ -777,16 +904,16 @@ def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tre
         OSError: the file could not be read.
     """
     where = os.fspath(path)
-    with _reading(where), _open(path) as f:
-        manifest = _read_manifest(f, where)
+    with _reading(where), _File(path) as f:
+        manifest = _read_manifest(f)
         spec = manifest.get("tree")
         # Validate the whole description before allocating anything.
-        _check_claimed_bytes(f, spec, where)
+        _check_claimed_bytes(f, spec)
         crc = _leaf_checksum(manifest, where) if verify else None
         fd = _direct_fd(f)
 
         def leaf_value(node: dict[str, Any], h5path: str) -> Any:
-            array = _read_leaf(f, node, h5path, where, crc, fd)
+            array = _read_leaf(f, node, h5path, crc, fd)
             kind = node["t"]
             if kind == "ndarray":
                 return array
@@ -812,13 +939,13 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError, CorruptCheckpointError, CheckpointError, OSError: as :func:`read_file`.
     """
     where = os.fspath(path)
-    with _reading(where), _open(path) as f:
-        manifest = _read_manifest(f, where)
-        _check_claimed_bytes(f, manifest.get("tree"), where)
+    with _reading(where), _File(path) as f:
+        manifest = _read_manifest(f)
+        _check_claimed_bytes(f, manifest.get("tree"))
         crc = _leaf_checksum(manifest, where)
         fd = _direct_fd(f)
         for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
-            _read_leaf(f, node, h5path, where, crc, fd)
+            _read_leaf(f, node, h5path, crc, fd)
     return manifest
 
 

@@ -521,3 +521,42 @@ def test_a_verified_read_allocates_only_the_state(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert_tree_equal(restored, state)
     assert nbytes <= peak < nbytes + 256 * 1024
+
+
+def test_reads_close_everything_they_open_also_when_they_refuse_a_file(tmp_path: Path) -> None:
+    """Nothing stays open in HDF5 after a read, even while the error of a refused file
+    (and with it the reader's frames) is alive: an object left open keeps its file open."""
+    tree = {"a": {"b": [np.arange(3), {"c": np.ones(2)}], "d": np.zeros(4)}, "e": np.int8(1), "f": "text"}
+    good = tmp_path / "good.h5"
+    codec.write_file(good, tree, {"step": 1})
+    linked = tmp_path / "linked.h5"
+    codec.write_file(linked, tree, {"step": 1})
+    with h5py.File(linked, "r+") as f:
+        del f["state/a/b/1/c"]
+        f["state/a/b/1/c"] = h5py.SoftLink("/state/a/d")
+    flipped = tmp_path / "flipped.h5"
+    with h5py.File(good, "r") as f:
+        offset = f["state/a/b/1/c"].id.get_offset()
+    flipped.write_bytes(_flip(good.read_bytes(), offset + 3, 1))
+
+    def open_objects() -> int:
+        # Not OBJ_DATATYPE: that counts the library's (and the codec's cached) memory types.
+        kinds = h5py.h5f.OBJ_FILE | h5py.h5f.OBJ_GROUP | h5py.h5f.OBJ_DATASET | h5py.h5f.OBJ_ATTR
+        return int(h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, kinds))
+
+    before = open_objects()
+    assert_tree_equal(codec.read_file(good)[0], tree)
+    codec.verify_file(good)
+    codec.read_meta(good)
+    assert open_objects() == before
+    errors = []
+    for path, read, message in [
+        (linked, codec.read_file, "SoftLink"),
+        (linked, codec.verify_file, "SoftLink"),
+        (flipped, codec.read_file, r"checksum mismatch in /state/a/b/1/c$"),
+        (flipped, codec.verify_file, r"checksum mismatch in /state/a/b/1/c$"),
+    ]:
+        with pytest.raises(ckptmgr.CorruptCheckpointError, match=message) as excinfo:
+            read(path)
+        errors.append(excinfo)
+        assert open_objects() == before
