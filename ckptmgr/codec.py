@@ -38,9 +38,10 @@ package is missing; both are read, so files of either kind (and every file writt
 before CRC-32C was adopted, all ``"crc32"``) stay readable and verified. The manifest's
 own ``ckptmgr_manifest_crc32`` and payload sidecars stay zlib CRC-32.
 
-Writing is one large contiguous write per array (16 MiB slabs for big ones, each
-checksummed just before it is written, while it is in cache), and the disk starts on
-the data while later arrays are still being copied (:class:`storage.Writeback`).
+Writing is one large contiguous write per array (slabs for big ones, each checksummed
+just before it is written, while it is in cache), and the disk starts on the data
+while the rest is still being copied (:class:`storage.Writeback`): on each 4 MiB of
+the first 32 MiB as soon as it is written, then every 32 MiB.
 
 Reading goes the other way: a leaf whose bytes HDF5 would copy unchanged (a plain
 contiguous dataset) is read with pread straight from the descriptor HDF5 opened,
@@ -110,10 +111,14 @@ if _crc32c is not None:
 LEAF_CHECKSUM_NAME = "crc32c" if _crc32c is not None else "crc32"
 _KNOWN_LEAF_CHECKSUMS = frozenset({"crc32", "crc32c"})
 
-# Big arrays are written (and checksummed) in slabs of about this size, and the disk
-# is started on what is written every _WRITEBACK_BYTES (see storage.Writeback).
+# Big arrays are written (and checksummed) in slabs of about _SLAB_BYTES; a background
+# fdatasync starts every _WRITEBACK_BYTES (storage.Writeback.kick). Until the first of
+# those, slabs are _START_BYTES and the disk is started on each as soon as it is
+# written (Writeback.start): a 16 MiB save then no longer waits for the disk to begin
+# until it is all copied.
 _SLAB_BYTES = 16 * 1024 * 1024
 _WRITEBACK_BYTES = 32 * 1024 * 1024
+_START_BYTES = 4 * 1024 * 1024
 # Leaves are read (and checksummed) in slabs of this size: a core's L2 cache.
 _READ_SLAB_BYTES = 1024 * 1024
 
@@ -340,7 +345,7 @@ def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]
     sink = _WriteSink(path)
     writeback = storage.Writeback(sink.fileno())
     try:
-        total = _write_h5(sink, spec, leaves, meta, writeback.kick)
+        total = _write_h5(sink, spec, leaves, meta, writeback)
     except Exception:
         # HDF5 tripping over a write that was dropped is the recorded error's doing.
         if sink.error is None:
@@ -355,12 +360,46 @@ def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]
     return total
 
 
+class _Progress:
+    """How much of a file is written, telling its :class:`storage.Writeback` when to act.
+
+    The first ``_WRITEBACK_BYTES`` are written in slabs of ``_START_BYTES``, each queued
+    for the disk once written (:meth:`storage.Writeback.start`: no waiting, no thread);
+    from then on a background fdatasync every ``_WRITEBACK_BYTES`` keeps the disk busy
+    (:meth:`storage.Writeback.kick`), with slabs of ``_SLAB_BYTES`` (queueing each of
+    those too only moved the disk's bookkeeping into the writer: no faster at 256 MiB).
+    Counted per slab, not per array, so that one big array overlaps too.
+    """
+
+    def __init__(self, writeback: storage.Writeback) -> None:
+        self._writeback = writeback
+        self._unflushed = 0
+        self._unstarted = 0
+        self._kicked = False
+
+    def slab_bytes(self) -> int:
+        """The size of the slabs to write now."""
+        return _SLAB_BYTES if self._kicked else _START_BYTES
+
+    def wrote(self, nbytes: int) -> None:
+        self._unflushed += nbytes
+        self._unstarted += nbytes
+        if self._unflushed >= _WRITEBACK_BYTES:
+            self._writeback.kick()
+            self._kicked = True
+            self._unflushed = self._unstarted = 0
+        elif self._unstarted >= _START_BYTES and not self._kicked:
+            self._writeback.start()
+            self._unstarted = 0
+
+
 def _write_h5(
     sink: _WriteSink, spec: dict[str, Any], leaves: list[_Leaf], meta: Mapping[str, Any],
-    written: Callable[[], None],
+    writeback: storage.Writeback,
 ) -> int:
     crc = _LEAF_CHECKSUMS[LEAF_CHECKSUM_NAME]
-    total = unflushed = 0
+    total = 0
+    progress = _Progress(writeback)
     with h5py.File(sink, "w", locking=False) as f:
         for leaf in leaves:
             node = leaf.node
@@ -368,16 +407,14 @@ def _write_h5(
             data = _c_order(leaf.array)
             if _is_raw(data.dtype):
                 data = data.reshape(-1).view(np.uint8).reshape((*data.shape, data.dtype.itemsize))
-            if data.nbytes <= _SLAB_BYTES or data.dtype.kind == "b" or data.shape[0] < 2:
+            if data.nbytes <= progress.slab_bytes() or data.dtype.kind == "b" or data.shape[0] < 2:
                 node["crc"] = crc(_contiguous_bytes(data), 0)
                 f.create_dataset(h5path, data=data)
+                progress.wrote(data.nbytes)
             else:
-                node["crc"] = _write_slabs(f.create_dataset(h5path, shape=data.shape, dtype=data.dtype), data, crc)
+                ds = f.create_dataset(h5path, shape=data.shape, dtype=data.dtype)
+                node["crc"] = _write_slabs(ds, data, crc, progress)
             total += data.nbytes
-            unflushed += data.nbytes
-            if unflushed >= _WRITEBACK_BYTES:
-                written()
-                unflushed = 0
         _create_empty_groups(f, spec, "/" + STATE)
         manifest = dict(meta)
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=total, tree=spec)
@@ -388,19 +425,23 @@ def _write_h5(
     return total
 
 
-def _write_slabs(ds: h5py.Dataset, data: np.ndarray[Any, Any], crc: Callable[[Any, int], int]) -> int:
+def _write_slabs(
+    ds: h5py.Dataset, data: np.ndarray[Any, Any], crc: Callable[[Any, int], int], progress: _Progress,
+) -> int:
     """Write a big C-ordered array in slabs of rows; return the checksum of its bytes.
 
     Each slab is checksummed right before it is written, while it is in cache.
     """
     flat = data.reshape(-1).view(np.uint8)
-    row_bytes = data.nbytes // data.shape[0]
-    rows = max(1, _SLAB_BYTES // max(row_bytes, 1))
+    row_bytes = data.nbytes // data.shape[0]  # > 0: an empty array is written whole
     value = 0
-    for start in range(0, data.shape[0], rows):
-        stop = min(start + rows, data.shape[0])
+    start = 0
+    while start < data.shape[0]:
+        stop = min(start + max(1, progress.slab_bytes() // row_bytes), data.shape[0])
         value = crc(flat[start * row_bytes:stop * row_bytes], value)
         ds.write_direct(data, np.s_[start:stop], np.s_[start:stop])
+        progress.wrote((stop - start) * row_bytes)
+        start = stop
     return value
 
 

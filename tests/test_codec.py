@@ -7,10 +7,13 @@ well as the codec; damaged files only ever raise CorruptCheckpointError.
 from __future__ import annotations
 
 import collections
+import ctypes
 import decimal
 import enum
+import errno
 import fractions
 import json
+import os
 import random
 import re
 import tempfile
@@ -28,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import ckptmgr
-from ckptmgr import codec
+from ckptmgr import codec, storage
 
 # ------------------------------------------------------------------------ strategies
 
@@ -560,3 +563,59 @@ def test_reads_close_everything_they_open_also_when_they_refuse_a_file(tmp_path:
             read(path)
         errors.append(excinfo)
         assert open_objects() == before
+
+
+# ------------------------------------------------------------------------ writeback
+
+
+def test_the_disk_is_started_on_each_early_slab_then_kicked_every_32_mib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 16 MiB array goes out in 4 MiB slabs, each queued for the disk once written;
+    past 32 MiB a background fdatasync takes over. The bytes are the same either way."""
+    calls: list[tuple[str, int]] = []
+    for name in ("start", "kick"):
+        method = getattr(storage.Writeback, name)
+
+        def spy(self: storage.Writeback, _name: str = name, _method: Any = method) -> None:
+            calls.append((_name, os.fstat(self._fd).st_size))
+            _method(self)
+
+        monkeypatch.setattr(storage.Writeback, name, spy)
+    mib = 1024 * 1024
+    small = {"w": np.arange(4 * mib, dtype=np.float32)}
+    codec.write_file(tmp_path / "small.h5", small, {"step": 1})
+    assert [name for name, _ in calls] == ["start"] * 4
+    assert all(size >= n * 4 * mib for n, (_, size) in enumerate(calls, 1))
+    assert_tree_equal(codec.read_file(tmp_path / "small.h5")[0], small)
+    calls.clear()
+    big = {"a": np.arange(5 * mib, dtype=np.float64), "b": np.ones((3, 10 * mib), np.uint8)}  # 40 + 30 MiB
+    codec.write_file(tmp_path / "big.h5", big, {"step": 1})
+    assert [name for name, _ in calls] == ["start"] * 7 + ["kick", "kick"]
+    assert_tree_equal(codec.read_file(tmp_path / "big.h5")[0], big)
+
+
+@pytest.mark.parametrize(("code", "fails"), [(errno.EIO, True), (errno.ENOSPC, True), (errno.ENOSYS, False),
+                                             (errno.EINVAL, False)], ids=["EIO", "ENOSPC", "ENOSYS", "EINVAL"])
+def test_a_failure_to_start_the_disk_fails_the_save_unless_unsupported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, fails: bool
+) -> None:
+    """An I/O error from queueing writes is the file's error (Linux reports it to one
+    caller only); "not supported here" is not an error: the final fsync is enough."""
+
+    def failing(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(storage, "_sync_file_range", failing)
+    tree = {"w": np.ones(4 * 1024 * 1024, np.float32)}
+    if fails:
+        with pytest.raises(OSError) as excinfo:
+            codec.write_file(tmp_path / "x.h5", tree, {"step": 1})
+        assert excinfo.value.errno == code
+        with ckptmgr.CheckpointManager(tmp_path / "run") as mgr, pytest.raises(ckptmgr.CheckpointIOError):
+            mgr.save(1, tree)
+        assert list((tmp_path / "run").glob(".ckpt-*")) == []
+    else:
+        codec.write_file(tmp_path / "x.h5", tree, {"step": 1})
+        assert_tree_equal(codec.read_file(tmp_path / "x.h5")[0], tree)
