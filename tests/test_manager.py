@@ -627,7 +627,7 @@ def test_index_is_rewritten_during_a_run_so_a_crash_leaves_little_to_read(ckpt_d
         assert reader.checkpoints[4].metrics == {"val_loss": 0.2}
         assert not any(r.startswith("corrupt") for r in reader.checkpoints[4].keep_reasons)
         # ...and the checksums still catch the damage when it is restored.
-        with pytest.raises(ckptmgr.CorruptCheckpointError, match="ckpt-000000005.h5"):
+        with pytest.raises(ckptmgr.CorruptCheckpointError, match=r"ckpt-000000005\.h5"):
             reader.restore(5)
     mgr.close()
 

@@ -87,7 +87,7 @@ def _run_sequence(seed: int, base: Path, ops: int) -> int:
         # a manager that was just reopened.
         policies = [None, None]
     managers = [ckptmgr.CheckpointManager(d, keep=p, clock=lambda: now[0], **kwargs)
-                for d, p in zip(dirs, policies)]
+                for d, p in zip(dirs, policies, strict=True)]
     step = 0
     saves = 0
     context = f"seed={seed} policy={policy!r} save_every={save_every!r} {kwargs}"
@@ -117,7 +117,7 @@ def _run_sequence(seed: int, base: Path, ops: int) -> int:
                 elif action < 0.06 and policy is not None:
                     mgr.prune(dry_run=True)
                 elif payload:
-                    mgr.save(step, FilePayload(name, lambda path: path.write_bytes(data)), metrics=metrics, force=force)
+                    mgr.save(step, FilePayload(name, lambda path, data=data: path.write_bytes(data)), metrics=metrics, force=force)
                 else:
                     mgr.save(step, {"step": step}, metrics=metrics, force=force)
             if action < 0.03:
@@ -130,7 +130,7 @@ def _run_sequence(seed: int, base: Path, ops: int) -> int:
                         policies = [None, None]
                     context += f" -> {policy!r}"
                 managers = [ckptmgr.CheckpointManager(d, keep=p, clock=lambda: now[0], **kwargs)
-                            for d, p in zip(dirs, policies)]
+                            for d, p in zip(dirs, policies, strict=True)]
             else:
                 saves += 1
             incremental, full = (_listing(m) for m in managers)
