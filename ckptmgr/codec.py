@@ -419,6 +419,14 @@ def _write_h5(
         manifest = dict(meta)
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=total, tree=spec)
         blob = json.dumps(manifest, separators=(",", ":"), allow_nan=True).encode("utf-8")
+        if len(blob) > MAX_MANIFEST_BYTES:
+            # Readers refuse a bigger manifest: writing it would make a checkpoint that
+            # cannot be restored.
+            raise ValueError(
+                f"Expected a state tree whose description (keys, types, shapes) fits in "
+                f"{MAX_MANIFEST_BYTES} bytes. Received: {len(leaves)} leaves described in "
+                f"{len(blob)} bytes; store large collections of small values as arrays"
+            )
         f.create_dataset(MANIFEST, data=np.frombuffer(blob, np.uint8))
         f.attrs["ckptmgr_format"] = FORMAT_VERSION
         f.attrs["ckptmgr_manifest_crc32"] = np.uint32(checksum(blob))

@@ -355,7 +355,8 @@ class CheckpointManager:
 
         Raises:
             TypeError: ``state`` holds an unsupported type (the message names its path).
-            ValueError: bad ``step`` or ``metrics``.
+            ValueError: bad ``step`` or ``metrics``; a state nested deeper than
+                ``codec.MAX_DEPTH`` or whose description exceeds ``codec.MAX_MANIFEST_BYTES``.
             CheckpointIOError: the write failed (disk full, permission, I/O error); no
                 earlier checkpoint is touched and the manager stays usable. With
                 ``async_save``, a failure of the previous background write.

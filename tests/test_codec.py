@@ -291,6 +291,27 @@ def test_too_deep_and_cyclic_trees_raise_value_error() -> None:
         codec.encode_tree(cyclic)
 
 
+def test_a_tree_whose_manifest_readers_would_refuse_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real cap is 256 MiB of description (millions of keys); lowered here so that a
+    # small tree crosses it. Readers apply the same constant.
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"ok": np.ones(3)})
+        monkeypatch.setattr(codec, "MAX_MANIFEST_BYTES", 4096)
+        vocab = {f"token-{i}": i for i in range(500)}
+        with pytest.raises(ValueError, match=r"^Expected a state tree whose description .* 500 leaves"):
+            mgr.save(2, {"vocab": vocab})
+        # No checkpoint nobody could restore, no leftover, and the earlier one is intact.
+        assert [c.step for c in mgr.checkpoints] == [1]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ckpt-", ".ckpt-"))) == [
+            "ckpt-000000001.h5"
+        ]
+        assert_tree_equal(mgr.restore(), {"ok": np.ones(3)})
+        mgr.save(3, {"vocab": dict(list(vocab.items())[:5])})
+        assert mgr.restore(3)["vocab"]["token-4"] == 4
+
+
 # -------------------------------------------------------------------- damaged files
 
 
