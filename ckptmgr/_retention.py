@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .info import CheckpointInfo
-from .metrics import is_finite_number, resolve_mode
-from .policies import AnyRetention, KeepBest, KeepEvery, KeepLast, RetentionPolicy, seconds_text
+from .policies import (
+    AnyRetention,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    RetentionContext,
+    RetentionPolicy,
+    rank_key,
+    seconds_text,
+)
 
 Direction = Literal["min", "max"]
 
@@ -42,14 +50,6 @@ class Record:
         return [self.info.path.name] + ([self.sidecar] if self.sidecar else [])
 
 
-def rank_key(info: CheckpointInfo, monitor: str, mode: Direction) -> tuple[float, int] | None:
-    """Where a checkpoint sorts in ``best_order`` (best first, ties: earlier step)."""
-    value = info.metrics.get(monitor)
-    if value is None or not is_finite_number(value):
-        return None
-    return (value if mode == "min" else -value, info.step)
-
-
 def _time_key(info: CheckpointInfo) -> tuple[float, int]:
     return (info.time, info.step)
 
@@ -68,9 +68,6 @@ class Catalog:
         self._names: dict[str, int] = {}
         self._rankings: dict[tuple[str, Direction], list[tuple[float, int]]] = {}
         self._by_time: list[tuple[float, int]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.steps)
 
     def reset(self, records: dict[int, Record]) -> None:
         """Replace every record (a fresh listing of the directory)."""
@@ -155,8 +152,7 @@ class IncrementalKeep:
 
     def __init__(self, leaves: list[KeepLast | KeepBest | KeepEvery | None], monitor: str | None, mode: Direction):
         self._leaves = leaves
-        self._monitor = monitor
-        self._mode = mode
+        self._context = RetentionContext(monitor=monitor, mode=mode)
 
     @classmethod
     def build(cls, policy: RetentionPolicy | None, monitor: str | None, mode: Direction) -> IncrementalKeep | None:
@@ -167,13 +163,6 @@ class IncrementalKeep:
                 return None
             leaves.append(leaf)  # type: ignore[arg-type]
         return cls(leaves, monitor, mode)
-
-    def _best_of(self, leaf: KeepBest) -> tuple[str, Direction] | None:
-        if leaf.monitor is not None:
-            return leaf.monitor, resolve_mode(leaf.monitor, leaf.mode)
-        if self._monitor is None:
-            return None
-        return self._monitor, self._mode if leaf.mode == "auto" else leaf.mode
 
     def reasons(self, catalog: Catalog, step: int) -> list[str] | None:
         kept: list[str] | None = None
@@ -193,7 +182,7 @@ class IncrementalKeep:
         if isinstance(leaf, KeepLast):
             return f"last {leaf.n}" if len(steps) - bisect.bisect_left(steps, step) <= leaf.n else None
         if isinstance(leaf, KeepBest):
-            best = self._best_of(leaf)
+            best = leaf.metric(self._context)
             if best is None:
                 return None
             monitor, mode = best
@@ -229,7 +218,7 @@ class IncrementalKeep:
                 # those within k of the window's edge can have crossed it.
                 out.update(steps[max(0, size - leaf.n - k): max(0, min(size, size - leaf.n + k))])
             elif isinstance(leaf, KeepBest):
-                best = self._best_of(leaf)
+                best = leaf.metric(self._context)
                 if best is not None:
                     out.update(s for _, s in catalog.ranking(*best)[: leaf.n + k])
             elif isinstance(leaf, KeepEvery):
@@ -255,8 +244,3 @@ def _flatten(policy: RetentionPolicy | None) -> Iterator[RetentionPolicy | None]
             yield from _flatten(p)
     else:
         yield policy
-
-
-def existing(catalog: Catalog, steps: Iterable[int | None]) -> set[int]:
-    """The given steps that have a record."""
-    return {s for s in steps if s is not None and s in catalog.records}

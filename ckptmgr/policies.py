@@ -238,13 +238,21 @@ class _KeepOps:
         return AnyRetention((*_flatten(self, AnyRetention), *_flatten(other, AnyRetention)))
 
 
+def rank_key(info: CheckpointInfo, monitor: str, mode: Literal["min", "max"]) -> tuple[float, int] | None:
+    """Where a checkpoint sorts by ``monitor``, best first (ties: the earlier step); None
+    when it reports no finite value."""
+    value = info.metrics.get(monitor)
+    if value is None or not is_finite_number(value):
+        return None
+    return (value if mode == "min" else -value, info.step)
+
+
 def best_order(
     checkpoints: Sequence[CheckpointInfo], monitor: str, mode: Literal["min", "max"]
 ) -> list[CheckpointInfo]:
     """Checkpoints that report a finite ``monitor``, best first (ties: the earlier step)."""
-    ranked = [c for c in checkpoints if is_finite_number(c.metrics.get(monitor))]
-    sign = 1.0 if mode == "min" else -1.0
-    return sorted(ranked, key=lambda c: (sign * c.metrics[monitor], c.step))
+    keyed = [(key, c) for c in checkpoints if (key := rank_key(c, monitor, mode)) is not None]
+    return [c for _, c in sorted(keyed, key=lambda pair: pair[0])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,16 +313,21 @@ class KeepBest(_KeepOps):
         elif self.mode not in ("auto", "min", "max"):
             raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={self.mode!r}")
 
+    def metric(self, context: RetentionContext) -> tuple[str, Literal["min", "max"]] | None:
+        """The metric and direction ranked by: its own ``monitor``, else the manager's."""
+        if self.monitor is not None:
+            return self.monitor, resolve_mode(self.monitor, self.mode)
+        if context.monitor is None:
+            return None
+        return context.monitor, context.mode if self.mode == "auto" else self.mode
+
     def keep(
         self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
     ) -> Mapping[int, list[str]]:
-        if self.monitor is not None:
-            monitor, mode = self.monitor, resolve_mode(self.monitor, self.mode)
-        elif context.monitor is not None:
-            monitor = context.monitor
-            mode = context.mode if self.mode == "auto" else self.mode
-        else:
+        metric = self.metric(context)
+        if metric is None:
             return {}
+        monitor, mode = metric
         ranked = best_order(checkpoints, monitor, mode)[: self.n]
         return {c.step: [f"best {monitor} #{i}"] for i, c in enumerate(ranked, 1)}
 
