@@ -73,8 +73,9 @@ def to_numpy(tensor: Any) -> np.ndarray[Any, Any]:
 
     >>> import torch
     >>> from ckptmgr.adapters.torch import to_numpy
-    >>> to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
-    array([1.5, -2], dtype=bfloat16)
+    >>> array = to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    >>> array.dtype.name, array.astype("float32").tolist()
+    ('bfloat16', [1.5, -2.0])
 
     Raises:
         TypeError: a sparse, quantized or complex32 tensor, or bfloat16/float8
