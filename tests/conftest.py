@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+# Helper modules of the tests (child processes, harnesses): not test modules, and some
+# import an optional framework at the top, so --doctest-modules must not import them.
+collect_ignore_glob = ["_*.py"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     markexpr = config.getoption("markexpr", "") or ""

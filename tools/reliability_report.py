@@ -204,8 +204,22 @@ NOTICED: list[str] = [
     "review, not tested.",
 ]
 
+DURABILITY_RULE = """\
+## The durability rule for directory entries
+
+A file's data is durable once the file is fsynced, but its *name* is durable only once the directory that holds the name is fsynced: that is all POSIX promises, and ext4 with `data=writeback`, XFS and some network and FUSE file systems do lose an un-fsynced entry in a power cut. So ckptmgr follows one rule for every entry it makes:
+
+- **A name made in directory D (a file created and renamed into place, a `mkdir`, a rename) is followed by an fsync of D before anything that depends on it is reported done.** A checkpoint is written under a temporary name, fsynced, renamed to its final name, and D is fsynced before `save()` (or, for `async_save=True`, `wait()`) returns. A payload's two renames (the file, then its commit record over the sidecar) are followed by one fsync of D.
+- **A directory ckptmgr creates is made durable in its parent.** `CheckpointManager` creates the checkpoint directory and each missing parent one level at a time (`storage.ensure_directory`), fsyncing each new directory's parent, before the lock is taken and so before any save. A directory that appeared concurrently (made by another process) gets the same fsync: its maker may not have done it yet. Before this rule, a power cut after the first `save()` returned lost the whole new directory and every checkpoint in it (20 of 20 trials of a power-cut simulator); an existing, durable directory lost nothing in over 1,000 trials.
+- **Deletions are made durable with one fsync of D** after the batch (retention, clean-up of leftovers); a deletion lost to a power cut only brings back a checkpoint retention had removed, which the next writer removes again.
+- **The index (`.ckptmgr-index.json`) is the one exception:** it is a cache, rebuilt from the checkpoints when missing or stale, and is never fsynced.
+
+Checked by `tests/test_durability.py`, which records the order of `mkdir`, `rename`/`replace` and directory `fsync` calls of a real manager (sync, async and payload saves, nested missing parents, relative paths) and asserts that every entry made is followed by an fsync of its parent before `save()`/`wait()` returns, and that a failing fsync of a new directory's parent is a `CheckpointError` naming the path; and by `tests/test_powercut.py`, a power-cut simulator (an `LD_PRELOAD` shim that logs every entry operation and fsync of a real child process; each cut point is replayed into the state a POSIX-minimum file system would keep, then restored).
+"""
+
 INVARIANTS = [
-    ("1. final name only when complete and durable", "crash points before/after write, fsync, rename, dir fsync; random kills"),
+    ("1. final name only when complete and durable", "crash points before/after write, fsync, rename, dir fsync; random kills; "
+     "order of mkdir/rename/directory fsync (test_durability.py); power-cut replay (test_powercut.py)"),
     ("2. killed at any instant: every promised checkpoint survives, leftovers ignored and cleaned", "crash points; random kills (reader view before recovery, writer view after)"),
     ("3. metadata in every checkpoint; index is a rebuildable cache", "crash points at the index update; fuzz (tampered/garbled index); index faults"),
     ("4. restore verifies; fallback with a warning; restore(step) raises", "fuzz (1,000+ damages); hostile files in a directory"),
@@ -337,6 +351,7 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
                f"{'' if code == 0 else f' (exit status {code})'}.\n")
     if junit["failures"]:
         out.append("**Failing in this run:** " + ", ".join(f"`{f}`" for f in junit["failures"]) + "\n")
+    out.append(DURABILITY_RULE)
 
     # ---------------------------------------------------------------- summary
     crash_points = _both(rows, "crash-points", "crash points")
