@@ -18,6 +18,7 @@ from .errors import (
     CorruptCheckpointError,
     DirectoryLockedError,
     MissingMetricWarning,
+    StepOrderError,
 )
 from .info import CheckpointInfo
 from .manager import CheckpointManager
@@ -60,5 +61,6 @@ __all__ = [
     "RetentionPolicy",
     "SaveContext",
     "SavePolicy",
+    "StepOrderError",
     "__version__",
 ]

@@ -324,24 +324,45 @@ def _tracker_json(tracker: MetricTracker | None) -> dict[str, Any] | None:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    """``ckptmgr ls DIR``: one row per checkpoint."""
+    """``ckptmgr ls DIR``: one row per checkpoint (``--all``: and those rollbacks set aside)."""
     mgr = _open_reader(args.directory)
+    aside = [CheckpointManager(folder, read_only=True) for folder in mgr.rolled_back] if args.all else []
+    if args.json:
+        listing = _ls_json(mgr)
+        if args.all:
+            listing["rolled_back"] = [_ls_json(m) for m in aside]
+        _print_json(listing)
+        return EXIT_OK
+    _ls_print(mgr)
+    for m in aside:
+        print()
+        print(f"rolled back (set aside by rollback, not used by the run): {m.directory}")
+        _ls_print(m)
+    return EXIT_OK
+
+
+def _ls_json(mgr: CheckpointManager) -> dict[str, Any]:
     infos = mgr.checkpoints
     latest = infos[-1].step if infos else None
     best_info = mgr.best
     best = best_info.step if best_info is not None else None
-    if args.json:
-        _print_json({
-            "directory": str(mgr.directory),
-            "tracker": _tracker_json(mgr.tracker),
-            "latest": latest,
-            "best": best,
-            "checkpoints": [_describe(c, latest, best) for c in infos],
-        })
-        return EXIT_OK
+    return {
+        "directory": str(mgr.directory),
+        "tracker": _tracker_json(mgr.tracker),
+        "latest": latest,
+        "best": best,
+        "checkpoints": [_describe(c, latest, best) for c in infos],
+    }
+
+
+def _ls_print(mgr: CheckpointManager) -> None:
+    infos = mgr.checkpoints
     if not infos:
         print(f"no checkpoints in {mgr.directory}")
-        return EXIT_OK
+        return
+    latest = infos[-1].step
+    best_info = mgr.best
+    best = best_info.step if best_info is not None else None
     rows = [
         [str(c.step), _marks(c, latest, best), _local_time(c.time), _human_bytes(_file_size(c.path)),
          _metrics_text(c.metrics), ", ".join(r for r in c.keep_reasons if not r.startswith("corrupt"))
@@ -354,7 +375,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     tracker = mgr.tracker
     monitored = f"; best by {tracker.monitor} ({tracker.mode})" if tracker else ""
     print(f"{len(infos)} checkpoint{'s' * (len(infos) != 1)}, {_human_bytes(total)}{monitored}")
-    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------ show
@@ -909,7 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts (NaN as null)")
         return sub
 
-    command("ls", "List the checkpoints: step, time, size, metrics, why each is kept.", _cmd_ls)
+    ls = command("ls", "List the checkpoints: step, time, size, metrics, why each is kept.", _cmd_ls)
+    ls.add_argument("--all", action="store_true",
+                    help="also list the checkpoints rollback() set aside (under rolled-back/)")
     show = command("show", "Show one checkpoint's metadata and state tree.", _cmd_show)
     show.add_argument("which", metavar="STEP", nargs="?", type=_which, default="latest",
                       help="a step number, 'latest' (default) or 'best'")

@@ -8,6 +8,7 @@ the builtin that describes them best, so callers can catch either::
           ├── CheckpointNotFoundError (also FileNotFoundError)
           ├── CorruptCheckpointError  (also ValueError)
           ├── DirectoryLockedError    (also BlockingIOError)
+          ├── StepOrderError          (also ValueError)
           └── CheckpointIOError       (also OSError)
 
     UserWarning
@@ -39,6 +40,20 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 class DirectoryLockedError(CheckpointError, BlockingIOError):
     """Another live process holds the writer lock of a checkpoint directory."""
+
+
+class StepOrderError(CheckpointError, ValueError):
+    """``save(step)`` below the directory's latest checkpoint: steps only move forward.
+
+    Raised before anything is written. Resume the run with ``restore()``, or continue
+    from an earlier step with ``rollback(step)``, which sets the later checkpoints aside.
+    ``step`` is the step asked for, ``latest`` the directory's latest.
+    """
+
+    def __init__(self, message: str, *, step: int, latest: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.latest = latest
 
 
 class CheckpointIOError(CheckpointError, OSError):

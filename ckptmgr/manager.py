@@ -26,6 +26,7 @@ from .errors import (
     CheckpointWarning,
     CorruptCheckpointError,
     MissingMetricWarning,
+    StepOrderError,
 )
 from .info import CheckpointInfo
 from .metrics import MetricTracker, Mode, is_finite_number
@@ -202,6 +203,7 @@ class CheckpointManager:
         self._unindexed = 0  # saves since the index was last written
         self._index_next = 0.0  # time.monotonic() before which it is not rewritten
         self._restored: CheckpointInfo | None = None
+        self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
         self._index_seen: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
         if read_only:
@@ -367,6 +369,7 @@ class CheckpointManager:
         metrics = _check_metrics(metrics)
         if not isinstance(force, bool):
             raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
+        self._check_step_order(step)
         if self._pending is not None and self._pending.done():
             self._wait_pending()  # a failed background write surfaces here, without blocking
         value = None
@@ -419,6 +422,37 @@ class CheckpointManager:
         self._pending = self._executor.submit(commit)
         self._pending_step, self._pending_best = step, best_before
         return CheckpointInfo(step, path, metrics, now, 0)
+
+    def _check_step_order(self, step: int) -> None:
+        """Steps only move forward: a save below the latest would be hidden by it.
+
+        A new run started in an old directory, or a run continued from an earlier step,
+        would otherwise save checkpoints that retention deletes at once (the old, higher
+        steps rank as the latest) and that restore() never returns. Checkpoints this
+        manager skipped as corrupt when it restored do not count: resuming below them
+        is the fallback working as intended.
+        """
+        with self._mutex:
+            steps = self._catalog.steps
+            if (not steps or steps[-1] <= step) and (self._pending_step is None or self._pending_step <= step):
+                return
+            newer = [s for s in steps if s > step and s not in self._skipped_corrupt
+                     and self._records[s].corrupt is None]
+            if self._pending_step is not None and self._pending_step > step:
+                newer.append(self._pending_step)
+            earlier = [s for s in steps if s <= step]
+        if not newer:
+            return
+        latest = max(newer)
+        back = f"rollback({earlier[-1]})" if earlier else "rollback(step)"
+        raise StepOrderError(
+            f"Cannot save step {step} in {self._directory}: it already holds checkpoints up to step "
+            f"{latest}, and steps only move forward (a lower step would be hidden by the later ones "
+            f"and deleted by retention). To resume that run, call restore() and continue after step "
+            f"{latest}; to continue from an earlier step, call {back} first, which moves the later "
+            "checkpoints aside (nothing is deleted); for a new run, use a new directory",
+            step=step, latest=latest,
+        )
 
     def _forget_best(self, step: int, best_before: tuple[float | None, int | None]) -> None:
         # A step whose save failed must not stay the best: then best_only would never
@@ -570,6 +604,77 @@ class CheckpointManager:
             raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is read-only")
         if self._closed:
             raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is closed")
+
+    # ---------------------------------------------------------------------- rollback
+
+    def rollback(self, step: int) -> CheckpointInfo:
+        """Make ``step`` the latest checkpoint, moving every later one aside.
+
+        For continuing a run from an earlier checkpoint (after a loss spike, say): the
+        later checkpoints are moved, not deleted, into a new folder
+        ``rolled-back/after-step-<step>-<UTC time>/`` of the directory, which is itself a
+        checkpoint directory (open it with ``read_only=True`` to restore from it;
+        ``ckptmgr ls --all`` lists it). They no longer count for ``checkpoints``,
+        ``latest``, ``best``, ``restore()`` or retention, across restarts; the best and
+        patience are those recorded with ``step``. The move is crash-safe: the decision
+        is committed first (a durable record of what moves where), and a crash midway is
+        finished by the next writer that opens the directory.
+
+        Example:
+
+        >>> import ckptmgr, tempfile
+        >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
+        ...     for step in (100, 200, 300):
+        ...         _ = mgr.save(step, {"step": step})
+        ...     _ = mgr.rollback(100)
+        ...     _ = mgr.save(150, {"step": 150})
+        ...     [c.step for c in mgr.checkpoints], len(mgr.rolled_back)
+        ([100, 150], 1)
+
+        Returns:
+            The info of ``step``, now the latest.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a committed checkpoint here.
+            CheckpointIOError: a move failed; what was not moved yet stays where it
+                was, and the next writer to open finishes the rollback.
+            CheckpointError: the manager is read-only or closed.
+        """
+        self._check_writable()
+        step = _check_step(step)
+        self._wait_pending()
+        with self._mutex:
+            if step not in self._records:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint of step {step} in {self._directory} to roll back to "
+                    f"(steps: {_steps_text(self._catalog.steps)})"
+                )
+            later = [self._records[s] for s in self._catalog.steps if s > step]
+            if later:
+                names = sorted({name for record in later for name in record.files})
+                folder = storage.rollback_folder(self._directory, step, self._clock())
+                storage.write_rollback_marker(self._directory, folder, names)
+                storage.finish_rollback(self._directory)
+                self._refresh()
+                self._skipped_corrupt.clear()
+                if self._tracker is not None:
+                    recorded = self._newest_tracker_state()
+                    if recorded is None:
+                        tracker = self._tracker
+                        self._tracker = MetricTracker(tracker.monitor, mode=tracker.mode,
+                                                      min_delta=tracker.min_delta, baseline=tracker.baseline)
+                    self._restore_tracker(recorded)
+                self._apply_retention(delete=False)
+            return self._records[step].info
+
+    @property
+    def rolled_back(self) -> list[Path]:
+        """The folders ``rollback()`` moved checkpoints into, oldest first.
+
+        Each is a checkpoint directory of its own: ``CheckpointManager(folder,
+        read_only=True)`` lists and restores what it holds.
+        """
+        return storage.rolled_back_folders(self._directory)
 
     # --------------------------------------------------------------------- retention
 
@@ -756,6 +861,7 @@ class CheckpointManager:
         try:
             storage.recover_commits(self._directory, codec.decode_sidecar, codec.checksum)
             storage.remove_leftovers(self._directory)
+            storage.finish_rollback(self._directory)
         except OSError as exc:
             warnings.warn(f"ckptmgr: cannot clean up {self._directory}: {exc}", CheckpointWarning, stacklevel=3)
 
@@ -775,6 +881,10 @@ class CheckpointManager:
         for _attempt in range(_READ_RETRIES):
             vanished = False
             entries = list(storage.scan(self._directory))
+            pending = storage.read_rollback_marker(self._directory)
+            if pending is not None:
+                # Files an unfinished rollback moves aside are gone already, for readers too.
+                entries = [e for e in entries if e.name not in pending[1]]
             changed = len(entries) != len(index)
             records: dict[int, _Record] = {}
             orphans: list[str] = []
@@ -1075,6 +1185,7 @@ class CheckpointManager:
                     break
                 except CorruptCheckpointError as exc:
                     failures.append(str(exc))
+                    self._skipped_corrupt.add(record.info.step)
                     warnings.warn(
                         f"ckptmgr: skipping corrupt checkpoint {exc}; falling back to an older one",
                         CheckpointWarning,

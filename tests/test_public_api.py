@@ -33,6 +33,7 @@ EXPECTED_ALL = [
     "RetentionPolicy",
     "SaveContext",
     "SavePolicy",
+    "StepOrderError",
     "__version__",
 ]
 
@@ -63,6 +64,7 @@ def test_version() -> None:
         (ckptmgr.CorruptCheckpointError, (ckptmgr.CheckpointError, ValueError)),
         (ckptmgr.DirectoryLockedError, (ckptmgr.CheckpointError, BlockingIOError)),
         (ckptmgr.CheckpointIOError, (ckptmgr.CheckpointError, OSError)),
+        (ckptmgr.StepOrderError, (ckptmgr.CheckpointError, ValueError)),
         (ckptmgr.CheckpointWarning, (UserWarning,)),
         (ckptmgr.MissingMetricWarning, (ckptmgr.CheckpointWarning,)),
     ],

@@ -96,7 +96,15 @@ def _run_sequence(seed: int, base: Path, ops: int) -> int:
             now[0] += rng.choice([0.0, 0.5, 1.0, 2.5, 4.0, -6.0])  # the clock may step back (NTP)
             roll = rng.random()
             if roll < 0.06:
-                step = max(0, step - rng.randint(1, 6))  # resumed from an older checkpoint
+                # Continued from an older checkpoint: roll back to it (steps only move forward).
+                back = max(0, step - rng.randint(1, 6))
+                kept = [c.step for c in managers[0].checkpoints if c.step <= back]
+                if kept:
+                    for mgr in managers:
+                        mgr.rollback(kept[-1])
+                    step = back
+                else:
+                    step += 1
             elif roll < 0.10:
                 pass  # the same step again: replaces it
             else:
