@@ -261,8 +261,24 @@ def _encode_leaf(value: Any, where: tuple[str | int, ...]) -> tuple[str, np.ndar
     raise TypeError(
         f"Expected a state tree of dict (str keys), list, tuple, NumPy array or scalar, "
         f"int, float, complex, bool, str, bytes or None at {_keystr(where)}. "
-        f"Received: {vtype.__module__}.{vtype.__qualname__}"
+        f"Received: {vtype.__module__}.{vtype.__qualname__}{_framework_hint(vtype)}"
     )
+
+
+# The core imports no framework; a framework's own types get a pointer to its adapter.
+_FRAMEWORK_HINTS = {
+    "torch": " (a PyTorch object: convert the state with ckptmgr.adapters.torch.to_tree(...) "
+             "and back with from_tree/load_tree)",
+    "tensorflow": " (a TensorFlow object: convert the state with ckptmgr.adapters.tf.to_tree(...))",
+    "keras": " (a Keras object: convert the state with ckptmgr.adapters.tf.to_tree(...), or use "
+             "ckptmgr.adapters.keras' callbacks)",
+    "jax": " (a JAX array: convert it with numpy.asarray(x), e.g. jax.tree_util.tree_map(numpy.asarray, state))",
+    "jaxlib": " (a JAX array: convert it with numpy.asarray(x), e.g. jax.tree_util.tree_map(numpy.asarray, state))",
+}
+
+
+def _framework_hint(vtype: type) -> str:
+    return _FRAMEWORK_HINTS.get(vtype.__module__.partition(".")[0], "")
 
 
 def encode_tree(tree: Tree) -> tuple[dict[str, Any], list[_Leaf]]:

@@ -6,6 +6,7 @@ import atexit
 import os
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -211,7 +212,7 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"No checkpoint directory at {self._directory}")
         else:
             storage.ensure_directory(self._directory)
-            self._lock = storage.DirectoryLock(self._directory)
+            self._lock = storage.DirectoryLock(self._directory, owner=_opened_at())
             self._lock.acquire()
         try:
             if not read_only:
@@ -1227,7 +1228,17 @@ def _check_step(step: object) -> int:
     return int(step)
 
 
-def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+def _opened_at() -> str:
+    """Where the caller opened this manager: the first frame outside ckptmgr."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    ours = (package + os.sep, os.path.join(os.path.dirname(package), "adapters") + os.sep)
+    for frame in reversed(traceback.extract_stack()):
+        if not os.path.abspath(frame.filename).startswith(ours):
+            return f"a CheckpointManager opened at {frame.filename}:{frame.lineno}"
+    return "a CheckpointManager"
+
+
+def _check_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):
@@ -1236,8 +1247,13 @@ def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     for key, value in metrics.items():
         if not isinstance(key, str):
             raise ValueError(f"Expected metric names to be str. Received: metrics key {key!r}")
+        if isinstance(value, (str, bytes, bytearray)):
+            # float("0.5") would succeed: a metric logged as text is a bug, say so.
+            raise ValueError(
+                f"Expected metric values to be numbers. Received: metrics[{key!r}]={value!r} (a {type(value).__name__})"
+            )
         try:
-            number = float(value)  # NumPy scalars, 0-d arrays, framework scalars
+            number = float(value)  # type: ignore[arg-type]  # NumPy scalars, 0-d arrays, framework scalars
         except (TypeError, ValueError):
             raise ValueError(
                 f"Expected metric values to be numbers. Received: metrics[{key!r}]={value!r}"

@@ -39,11 +39,12 @@ import stat
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import filelock
 
@@ -282,11 +283,34 @@ class DirectoryLock:
         CheckpointIOError: the lock file cannot be created.
     """
 
-    def __init__(self, directory: Path) -> None:
+    # Lock files held by this process -> who holds them, so that a second writer in the
+    # same process is told where the first one was opened, not "another process".
+    # Weak: a manager dropped without close() releases its lock when collected. The pid:
+    # a forked child inherits this table, not the locks.
+    _held: ClassVar[dict[str, tuple[int, weakref.ref[DirectoryLock]]]] = {}
+    _held_mutex: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, directory: Path, owner: str = "") -> None:
         self.path = directory / LOCK_NAME
+        self.owner = owner
+        self._key = os.path.realpath(self.path)
         self._lock = filelock.FileLock(self.path, timeout=0, thread_local=False)
 
     def acquire(self) -> None:
+        with DirectoryLock._held_mutex:
+            pid, ref = DirectoryLock._held.get(self._key, (0, None))
+            holder = ref() if ref is not None and pid == os.getpid() else None
+            if holder is not None and holder.is_locked:
+                raise DirectoryLockedError(
+                    f"Checkpoint directory {self.path.parent} is already open for writing in this "
+                    f"process ({holder.owner or 'another CheckpointManager'}). Only one writer per "
+                    "directory: use that manager, or close() it first; pass read_only=True to "
+                    "restore from it meanwhile",
+                )
+            self._acquire()
+            DirectoryLock._held[self._key] = (os.getpid(), weakref.ref(self))
+
+    def _acquire(self) -> None:
         try:
             self._lock.acquire(timeout=0)
         except filelock.Timeout as exc:
@@ -299,7 +323,11 @@ class DirectoryLock:
             raise io_error("Cannot lock checkpoint directory", self.path.parent, exc) from exc
 
     def release(self) -> None:
-        self._lock.release(force=True)
+        with DirectoryLock._held_mutex:
+            self._lock.release(force=True)
+            _pid, ref = DirectoryLock._held.get(self._key, (0, None))
+            if ref is not None and ref() is self:
+                del DirectoryLock._held[self._key]
 
     @property
     def is_locked(self) -> bool:
