@@ -220,7 +220,7 @@ def _contender(conn: Connection, go: Connection, directory: str, worker: int, wi
     """Try to become the writer until having saved ``wins`` times; while holding the
     lock, own a marker file created exclusively (two holders at once would collide)."""
     counts: Counter[str] = Counter()
-    saved: list[int] = []
+    saved: list[tuple[int, int]] = []  # (step, n)
     marker = Path(directory) / "holder.marker"
     try:
         go.recv()
@@ -235,9 +235,10 @@ def _contender(conn: Connection, go: Connection, directory: str, worker: int, wi
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # FileExistsError: two writers
                 os.close(fd)
                 for _ in range(2):
-                    step = worker * 1_000_000 + len(saved)
+                    # Steps only move forward in a directory: each holder continues the run.
+                    step = mgr.latest.step + 1 if mgr.latest is not None else 0
                     mgr.save(step, {"worker": worker, "n": len(saved)})
-                    saved.append(step)
+                    saved.append((step, len(saved)))
                 os.unlink(marker)
         conn.send(("done", (dict(counts), saved)))
     except BaseException:
@@ -261,18 +262,20 @@ def test_writers_contending_for_a_directory_exclude_each_other(tmp_path: Path) -
     for _, _, go in workers:
         go.send("go")
     counts: Counter[str] = Counter()
-    saved: list[int] = []
-    for proc, conn, _ in workers:
+    saved: dict[int, dict[str, int]] = {}
+    for worker, (proc, conn, _) in enumerate(workers, 1):
         kind, value = conn.recv()
         assert kind == "done", value
         for key, n in value[0].items():
             counts[key] += n
-        saved += value[1]
+        for step, n in value[1]:
+            assert step not in saved, f"step {step} saved by two writers"
+            saved[step] = {"worker": worker, "n": n}
         proc.join(60)
     with CheckpointManager(directory) as mgr:
-        assert sorted(c.step for c in mgr.checkpoints) == sorted(saved)
-        for step in saved:
-            assert mgr.restore(step) == {"worker": step // 1_000_000, "n": step % 1_000_000}
+        assert sorted(c.step for c in mgr.checkpoints) == sorted(saved) == list(range(len(saved)))
+        for step, expected in saved.items():
+            assert mgr.restore(step) == expected
     assert counts["acquired"] == 12
     record("concurrency", "contending-writers", {**counts, "checkpoints, all verified": len(saved)})
 
