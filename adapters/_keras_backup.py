@@ -11,7 +11,7 @@ from typing import Any
 
 import ckptmgr
 
-from ._keras_base import CkptCallback
+from ._keras_base import CkptCallback, keras_worded
 from .loop import capture_rng, restore_rng
 from .tf import load_tree, to_tree
 
@@ -75,8 +75,10 @@ class BackupAndRestore(CkptCallback):
             after an in-memory copy).
 
     Raises:
-        ValueError: bad arguments; at the start of ``fit()``, a backup that does not
-            fit the model or optimizer.
+        ValueError: bad arguments (the message starts with Keras' wording: ``Empty
+            `backup_dir` argument passed``, ``Invalid value for argument `save_freq```);
+            at the start of ``fit()``, a backup that does not fit the model or
+            optimizer.
         ckptmgr.DirectoryLockedError: another live process writes to ``backup_dir``.
         ckptmgr.CorruptCheckpointError: backups exist but none can be read.
     """
@@ -93,13 +95,21 @@ class BackupAndRestore(CkptCallback):
         async_save: bool = False,
     ) -> None:
         super().__init__()
-        if not backup_dir or not isinstance(backup_dir, (str, os.PathLike)):
-            raise ValueError(f"Expected backup_dir to be a non-empty str or path. Received: backup_dir={backup_dir!r}")
+        # Checked in Keras' order (backup_dir, then save_freq), with Keras' wording first.
+        expected_dir = f"Expected backup_dir to be a non-empty str or path. Received: backup_dir={backup_dir!r}"
+        if not backup_dir:
+            raise ValueError(keras_worded("Empty `backup_dir` argument passed", expected_dir))
+        if not isinstance(backup_dir, (str, os.PathLike)):
+            raise ValueError(expected_dir)
         if not (save_freq == "epoch" or save_freq is False or (
             isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1
         )):
             raise ValueError(
-                f"Expected save_freq to be 'epoch', an int >= 1, or False. Received: save_freq={save_freq!r}"
+                keras_worded(
+                    f"Invalid value for argument `save_freq`. Received: save_freq={save_freq}. "
+                    "Expected either 'epoch' or an integer value.",
+                    f"Expected save_freq to be 'epoch', an int >= 1, or False. Received: save_freq={save_freq!r}",
+                )
             )
         for name, flag in (("double_checkpoint", double_checkpoint), ("delete_checkpoint", delete_checkpoint),
                            ("async_save", async_save)):
@@ -181,8 +191,12 @@ class BackupAndRestore(CkptCallback):
                 model.build_from_config(json.loads(config))
             if not model.built:
                 raise ValueError(
-                    f"Expected a model that can be built from the backup's build config to resume from "
-                    f"{self.backup_dir}. Received: model {model.name!r} is still unbuilt; build it before fit()"
+                    keras_worded(
+                        "To use the BackupAndRestore callback, you model must be built before you call `fit()`. "
+                        f"Model {model} is unbuilt. You can build it beforehand by calling it on a batch of data.",
+                        f"Expected a model that can be built from the backup's build config to resume from "
+                        f"{self.backup_dir}. Received: model {model.name!r} is still unbuilt; build it before fit()",
+                    )
                 )
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and not optimizer.built:

@@ -5,7 +5,11 @@
   ``ModelCheckpoint`` with the model's, and so that all of them skip the batches a
   resumed epoch replays.
 - :class:`CkptCallback`: the base of the three callbacks (state hooks, once-per-event
-  processing, the metric direction and improvement test Keras uses).
+  processing).
+- The monitored metric, Keras' way: its direction (:func:`resolve_direction`), the one
+  comparator per direction (:data:`MONITOR_OPS`, exposed as ``monitor_op``) and the
+  improvement test that uses it (:func:`improved`).
+- :func:`keras_worded`: error messages that start with Keras' own wording.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import keras
@@ -24,6 +28,18 @@ from ckptmgr.metrics import infer_mode
 Direction = Literal["min", "max"]
 
 _log = logging.getLogger("ckptmgr.adapters.keras")
+
+
+def keras_worded(keras_message: str, ours: str) -> str:
+    """An error message that starts with ``keras_message``, Keras' exact wording, then ours.
+
+    Code that matches on Keras' wording (``pytest.raises(ValueError, match=...)``, a
+    ``str(error).startswith(...)``) keeps working; ckptmgr's detail follows.
+
+    >>> keras_worded("Empty `backup_dir` argument passed", "Expected a non-empty str.")
+    'Empty `backup_dir` argument passed. Expected a non-empty str.'
+    """
+    return f"{keras_message}{'' if keras_message.endswith('.') else '.'} {ours}"
 
 
 def print_msg(message: str) -> None:
@@ -240,6 +256,38 @@ def check_mode(owner: str, mode: str) -> str:
     return mode
 
 
+MonitorOp = Callable[[Any, Any], Any]
+
+#: The comparator of each direction, as Keras' ``MonitorCallback.monitor_op`` holds it.
+#: :func:`improved` decides with these and nothing else, so the ``monitor_op`` a
+#: callback exposes is the comparator that decides its improvements.
+MONITOR_OPS: dict[Direction, MonitorOp] = {"min": keras.ops.less, "max": keras.ops.greater}
+
+
+def monitor_op_of(direction: Direction | None) -> MonitorOp | None:
+    """Keras' ``monitor_op`` for ``direction``: ``keras.ops.less``, ``keras.ops.greater``, or None (not yet known)."""
+    return None if direction is None else MONITOR_OPS[direction]
+
+
+def direction_of_op(owner: str, op: Any) -> Direction | None:
+    """The direction a ``monitor_op`` set by the user stands for (None: decide it again, as Keras does).
+
+    Keras' ``keras.ops.less``/``greater`` and NumPy's ``np.less``/``np.greater`` (Keras 2's)
+    are understood; any other comparator is refused, because ckptmgr's callbacks (and
+    the engine's :class:`ckptmgr.MetricTracker`) decide improvements by a direction.
+    """
+    if op is None:
+        return None
+    if op is keras.ops.less or op is np.less:
+        return "min"
+    if op is keras.ops.greater or op is np.greater:
+        return "max"
+    raise ValueError(
+        f"Expected {owner}.monitor_op to be keras.ops.less (mode='min'), keras.ops.greater (mode='max') or None "
+        f"(decide from mode at the next epoch end). Received: monitor_op={op!r}"
+    )
+
+
 def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
     """"min"/"max" for ``monitor`` as Keras decides it, or None when it cannot tell.
 
@@ -264,8 +312,13 @@ def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
 
 def direction_error(owner: str, monitor: str) -> ValueError:
     return ValueError(
-        f"Expected mode='min' or mode='max' for {owner}: the direction of monitor={monitor!r} cannot "
-        f"be inferred from its name or from the model's metrics. Received: mode='auto'"
+        keras_worded(
+            f"{owner} callback received monitor={monitor}, but Keras isn't able to automatically determine "
+            "whether that metric should be maximized or minimized. Pass `mode='max'` in order to monitor based "
+            "on the highest metric value, or pass `mode='min'` in order to use the lowest value.",
+            f"Expected mode='min' or mode='max' for {owner}: the direction of monitor={monitor!r} cannot "
+            "be inferred from its name or from the model's metrics. Received: mode='auto'",
+        )
     )
 
 
@@ -281,16 +334,15 @@ def _compiled_metrics(model: Any) -> list[Any]:
 def improved(direction: Direction, current: Any, reference: Any, min_delta: float) -> bool:
     """Keras' improvement test: ``current`` beats ``reference`` by more than ``min_delta``.
 
-    Compared with ``keras.ops`` as Keras does (in the default float type), so that
-    near-ties are decided exactly as ``keras.callbacks`` decide them.
+    ``MONITOR_OPS[direction](current -/+ min_delta, reference)``, Keras'
+    ``monitor_op(current - min_delta, reference)`` with its sign convention: the same
+    ``keras.ops`` comparator, in the default float type, so that near-ties are decided
+    exactly as ``keras.callbacks`` decide them.
     """
     if reference is None:
         return True
-    if direction == "min":
-        result = keras.ops.less(current + abs(min_delta), reference)
-    else:
-        result = keras.ops.greater(current - abs(min_delta), reference)
-    return bool(keras.ops.convert_to_numpy(result))
+    shifted = current + abs(min_delta) if direction == "min" else current - abs(min_delta)
+    return bool(keras.ops.convert_to_numpy(MONITOR_OPS[direction](shifted, reference)))
 
 
 def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, float]:

@@ -10,9 +10,12 @@ import numpy as np
 from ._keras_base import (
     CkptCallback,
     Direction,
+    MonitorOp,
     check_mode,
     direction_error,
+    direction_of_op,
     improved,
+    monitor_op_of,
     print_msg,
     resolve_direction,
 )
@@ -53,6 +56,14 @@ class EarlyStopping(CkptCallback):
             epoch (of the epochs monitored).
         start_from_epoch: epochs to wait before monitoring starts.
 
+    Attributes:
+        monitor_op: Keras' comparator for the direction: ``keras.ops.less`` (``"min"``)
+            or ``keras.ops.greater`` (``"max"``), None until the first epoch end decides
+            it (as in Keras). It is the comparator that decides improvements; setting
+            it (to one of those, NumPy's ``np.less``/``np.greater``, or None) sets the
+            direction.
+        direction: the same, as ``"min"``, ``"max"`` or None.
+
     Raises:
         ValueError: at the first epoch end, ``mode="auto"`` and the direction of
             ``monitor`` cannot be told.
@@ -83,9 +94,18 @@ class EarlyStopping(CkptCallback):
         self.direction: Direction | None = None
         self.wait = 0
         self.stopped_epoch = 0
-        self.best: Any = None
+        self.best: Any = baseline  # as in Keras, until on_train_begin
         self.best_weights: list[np.ndarray] | None = None
         self.best_epoch = 0
+
+    @property
+    def monitor_op(self) -> MonitorOp | None:
+        """Keras' ``monitor_op``: the comparator of :attr:`direction` (None until it is decided)."""
+        return monitor_op_of(self.direction)
+
+    @monitor_op.setter
+    def monitor_op(self, op: MonitorOp | None) -> None:
+        self.direction = direction_of_op(type(self).__name__, op)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         super().on_train_begin(logs)

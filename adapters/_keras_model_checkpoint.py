@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import string
 import warnings
@@ -15,9 +16,13 @@ import ckptmgr
 from ._keras_base import (
     CkptCallback,
     Direction,
+    MonitorOp,
     check_mode,
     direction_error,
+    direction_of_op,
     improved,
+    keras_worded,
+    monitor_op_of,
     print_msg,
     resolve_direction,
     scalar_metrics,
@@ -114,11 +119,25 @@ class ModelCheckpoint(CkptCallback):
         async_save: commit each file in a background thread (the model is still
             serialised before ``on_epoch_end`` returns).
 
+    Attributes:
+        monitor_op: Keras' comparator for the direction of ``monitor``:
+            ``keras.ops.less`` (``"min"``) or ``keras.ops.greater`` (``"max"``), None
+            until it is decided (at the first save or epoch end) or where it cannot be
+            told and is not needed. It is the comparator that decides "best", and the
+            engine's :class:`ckptmgr.MetricTracker` has the same mode. Setting it
+            (outside ``fit()``) sets the direction.
+
     Raises:
-        ValueError: bad arguments ("Expected ... Received: ...").
+        ValueError: bad arguments; the message starts with Keras' wording where Keras
+            raises too (``Unrecognized save_freq: ...``, ``The filepath provided must
+            end in `.keras` ...``), then says what ckptmgr expects.
         FilepathFormatError: while training, ``filepath`` names a key that ``logs``
-            lacks (a ``KeyError`` too, as in Keras), or formats to a name that is not
-            a plain file name in its directory.
+            lacks (a ``KeyError`` too, and worded as Keras' ``Failed to format this
+            callback filepath: ...``), or formats to a name that is not a plain file
+            name in its directory.
+        ckptmgr.CheckpointIOError: the file to save is an existing directory (an
+            ``OSError``, worded as Keras' ``Please specify a non-directory filepath
+            ...``), or the file system failed.
         ckptmgr.DirectoryLockedError: another process writes to the directory.
     """
 
@@ -139,21 +158,33 @@ class ModelCheckpoint(CkptCallback):
         async_save: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(filepath, (str, os.PathLike)) or not os.fspath(filepath):
+        # Checked in Keras' order (save_freq, then the suffix), with Keras' wording first.
+        if not isinstance(filepath, (str, os.PathLike)):
             raise ValueError(f"Expected filepath to be a non-empty str or path. Received: filepath={filepath!r}")
         path = os.fspath(filepath)
         if not isinstance(path, str):
             raise ValueError(f"Expected filepath to be a str path, not bytes. Received: filepath={filepath!r}")
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
-            raise ValueError(f"Expected save_freq to be 'epoch' or an int >= 1. Received: save_freq={save_freq!r}")
+            raise ValueError(
+                keras_worded(
+                    f"Unrecognized save_freq: {save_freq}. Expected save_freq are 'epoch' or integer values",
+                    f"Expected save_freq to be 'epoch' or an int >= 1. Received: save_freq={save_freq!r}",
+                )
+            )
         if save_weights_only and not path.endswith(".weights.h5"):
             raise ValueError(
-                "Expected a filepath ending in `.weights.h5` with save_weights_only=True. "
-                f"Received: filepath={path}"
+                keras_worded(
+                    "When using `save_weights_only=True` in `ModelCheckpoint`, the filepath provided must end in "
+                    f"`.weights.h5` (Keras weights format). Received: filepath={path}",
+                    f"Expected a filepath ending in `.weights.h5` with save_weights_only=True. Received: filepath={path!r}",
+                )
             )
         if not save_weights_only and not path.endswith((".keras", ".h5")):
             raise ValueError(
-                f"Expected a filepath ending in `.keras` (or the legacy `.h5`). Received: filepath={path}"
+                keras_worded(
+                    f"The filepath provided must end in `.keras` (Keras model format). Received: filepath={path}",
+                    f"Expected a filepath ending in `.keras` (or the legacy `.h5`). Received: filepath={path!r}",
+                )
             )
         directory, template = os.path.split(path)
         if "{" in directory or "}" in directory:
@@ -207,6 +238,23 @@ class ModelCheckpoint(CkptCallback):
         return self._best_seen if self._best_seen is not None else self.initial_value_threshold
 
     @property
+    def monitor_op(self) -> MonitorOp | None:
+        """Keras' ``monitor_op``: the comparator of the direction of ``monitor`` (None until decided)."""
+        tracker = self._manager.tracker if self._manager is not None else None
+        return monitor_op_of(tracker.mode if tracker is not None else self._direction)
+
+    @monitor_op.setter
+    def monitor_op(self, op: MonitorOp | None) -> None:
+        direction = direction_of_op(type(self).__name__, op)
+        if self._manager is not None and direction != self._direction:
+            # The open engine's MetricTracker keeps the direction it was opened with.
+            raise ValueError(
+                f"Expected {type(self).__name__}.monitor_op to be changed outside fit(): the direction of "
+                f"{self.monitor!r} is {self._direction!r} until this fit() ends. Received: monitor_op={op!r}"
+            )
+        self._direction = direction
+
+    @property
     def manager(self) -> ckptmgr.CheckpointManager | None:
         """The engine writing the files while training runs (None outside ``fit()``)."""
         return self._manager
@@ -246,6 +294,8 @@ class ModelCheckpoint(CkptCallback):
             self._save(self._epoch or 0, batch, logs)
 
     def _handle_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        if self._direction is None:  # as Keras sets monitor_op; required only by save_best_only
+            self._direction = resolve_direction(self.monitor, self.mode, self.model)
         if self.save_freq == "epoch":
             self._save(epoch, None, logs)
 
@@ -278,12 +328,18 @@ class ModelCheckpoint(CkptCallback):
             key = exc.args[0] if exc.args else "?"
             hint = " ({batch} is known only with an integer save_freq)" if key == "batch" else ""
             raise FilepathFormatError(
-                f"Expected a value for every placeholder of filepath: {{{key}}} is not `epoch`"
-                f"{', `batch`' if batch is not None else ''} or a key of logs{hint}. "
-                f"Received: filepath={self.filepath!r}, logs keys {sorted(logs)}"
+                keras_worded(
+                    f'Failed to format this callback filepath: "{self.filepath}". Reason: {key!r}',
+                    f"Expected a value for every placeholder of filepath: {{{key}}} is not `epoch`"
+                    f"{', `batch`' if batch is not None else ''} or a key of logs{hint}. "
+                    f"Received: filepath={self.filepath!r}, logs keys {sorted(logs)}",
+                )
             ) from None
         except (ValueError, TypeError, IndexError) as exc:
-            raise FilepathFormatError(f"Cannot format filepath={self.filepath!r} with logs {logs}: {exc}") from None
+            # Keras lets str.format's own error through: its message comes first.
+            raise FilepathFormatError(
+                keras_worded(str(exc), f"Cannot format filepath={self.filepath!r} with logs {logs}")
+            ) from None
         if (
             not name
             or len(name) > _MAX_NAME
@@ -343,6 +399,16 @@ class ModelCheckpoint(CkptCallback):
                     )
         elif self.verbose > 0:
             print_msg(f"\nEpoch {epoch + 1}: saving model to {filepath}")
+        if os.path.isdir(filepath):
+            raise ckptmgr.CheckpointIOError(
+                keras_worded(
+                    "Please specify a non-directory filepath for ModelCheckpoint. Filepath used is an existing "
+                    f"directory: {filepath}",
+                    "ckptmgr: nothing was written.",
+                ),
+                filepath,
+                IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filepath),
+            )
         self._write(manager, os.path.basename(filepath), logs)
         if self.verbose > 0:
             print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")

@@ -33,6 +33,16 @@ Differences from ``keras.callbacks`` worth knowing:
   direction; other names are inferred from the name (``*acc*`` up, ``*error*`` down,
   see :func:`ckptmgr.metrics.infer_mode`) where Keras raises, and a name that cannot be
   told raises only where the direction is needed.
+- Arguments are checked more strictly: ``save_freq`` must be ``"epoch"`` or an int >= 1
+  (``BackupAndRestore`` also takes ``False``), where Keras takes any int (and ``True``).
+  Where Keras raises too, the message starts with Keras' exact wording
+  (``Unrecognized save_freq: ...``, ``Empty `backup_dir` argument passed``, ...), so
+  code matching on it keeps working, and ckptmgr's detail follows.
+- ``monitor_op`` (``EarlyStopping``, ``ModelCheckpoint``) is Keras' ``keras.ops.less`` or
+  ``keras.ops.greater``, None until decided, and is the comparator that decides
+  improvements; setting it sets the direction, and only those two (or NumPy's
+  ``np.less``/``np.greater``, or None) are accepted. ``min_delta`` stays positive (Keras
+  negates it in ``"min"`` mode).
 - All three work on Keras' public API (``model.variables``, ``optimizer.variables``,
   ``keras.ops``), with one private attribute Keras' own ``BackupAndRestore`` uses too
   (``model._initial_epoch``), which this one resets when training ends.

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from ._follow import follow
 from .errors import (
     CheckpointError,
     CheckpointIOError,
@@ -63,4 +64,5 @@ __all__ = [
     "SavePolicy",
     "StepOrderError",
     "__version__",
+    "follow",
 ]

@@ -227,8 +227,16 @@ class CheckpointManager:
             self._finalizer = weakref.finalize(self, _flush_at_exit, self._executor)
             atexit.register(self._finalizer)
         recorded = self._newest_tracker_state()
-        if self._tracker is None and read_only and isinstance(recorded, dict):
-            # A reader adopts the metric the run recorded, so restore("best") works.
+        if read_only:
+            self._adopt_tracker(recorded)
+        self._restore_tracker(recorded)
+        with self._mutex:
+            self._apply_retention(delete=False)
+
+    def _adopt_tracker(self, recorded: Any) -> None:
+        """A reader without ``monitor`` adopts the metric the run recorded, so that
+        ``best`` and ``restore("best")`` work (also when the run started after it opened)."""
+        if self._tracker is None and isinstance(recorded, dict):
             try:
                 self._tracker = MetricTracker(
                     recorded["monitor"], mode=recorded["mode"],
@@ -236,9 +244,6 @@ class CheckpointManager:
                 )
             except (KeyError, TypeError, ValueError):
                 self._tracker = None
-        self._restore_tracker(recorded)
-        with self._mutex:
-            self._apply_retention(delete=False)
 
     # ------------------------------------------------------------------ properties
 
@@ -869,6 +874,12 @@ class CheckpointManager:
     def _refresh_if_reader(self) -> None:
         if self._read_only:
             self._refresh()
+            # The writer's best moves on as it saves: follow its newest recorded state
+            # (silently: a mismatched metric was warned about at open).
+            recorded = self._newest_tracker_state()
+            self._adopt_tracker(recorded)
+            if self._tracker is not None and recorded is not None:
+                self._tracker.load_state_dict(recorded)
             with self._mutex:
                 self._apply_retention(delete=False)
 

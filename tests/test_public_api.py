@@ -35,6 +35,7 @@ EXPECTED_ALL = [
     "SavePolicy",
     "StepOrderError",
     "__version__",
+    "follow",
 ]
 
 
