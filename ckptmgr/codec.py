@@ -62,7 +62,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -534,7 +534,7 @@ def _reading(where: str) -> Iterator[None]:
     """
     try:
         yield
-    except CorruptCheckpointError:
+    except (CorruptCheckpointError, SelectionError):
         raise
     except (KeyError, RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
@@ -917,28 +917,80 @@ def iter_leaves(spec: Any, where: str = "") -> Iterator[tuple[tuple[str | int, .
             raise CorruptCheckpointError(f"{where}: unknown node kind {kind!r} at {_keystr(keys)}")
 
 
-def _build(spec: Any, leaf_value: Callable[[dict[str, Any], str], Any], where: str) -> Any:
-    """Rebuild the tree of ``spec``; ``leaf_value(node, h5path)`` supplies each leaf."""
+class SelectionError(KeyError):
+    """A selected key path is not in the checkpoint's tree (a KeyError naming it)."""
 
-    def build(node: Any, h5path: str, depth: int) -> Any:
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# A selection of subtrees: key path segment -> the selection below it; an empty dict
+# selects everything below (the subtree at a selected path is read whole).
+Selection = dict[str, "Selection"]
+
+
+def selection(paths: Iterable[Sequence[str]]) -> Selection:
+    """The selection of the subtrees at ``paths`` (each a sequence of key segments)."""
+    root: Selection = {}
+    whole: set[int] = set()
+    for path in paths:
+        node = root
+        for segment in path:
+            if id(node) in whole:
+                break
+            node = node.setdefault(segment, {})
+        else:
+            node.clear()
+            whole.add(id(node))
+    return root
+
+
+def _build(
+    spec: Any, leaf_value: Callable[[dict[str, Any], str], Any], where: str, select: Selection | None = None
+) -> Any:
+    """Rebuild the tree of ``spec``; ``leaf_value(node, h5path)`` supplies each leaf.
+
+    With ``select``, only the selected subtrees are built (and so read), under the same
+    containers: a dict keeps the selected keys, a list or tuple the selected items, in
+    their order. A selected path that is not in the tree raises KeyError naming it.
+    """
+
+    def build(node: Any, h5path: str, depth: int, sel: Selection | None, keys: tuple[str | int, ...]) -> Any:
         if depth > MAX_DEPTH or not isinstance(node, dict):
             raise CorruptCheckpointError(f"{where}: malformed tree")
         kind = node.get("t")
+        if sel is not None and not sel:
+            sel = None  # everything below
         if kind == "dict":
             out: dict[str, Any] = {}
             for position, (key, child) in enumerate(node["items"]):
-                out[key] = build(child, f"{h5path}/{_child_name(key, position)}", depth + 1)
-            if len(out) != len(node["items"]):
+                if sel is None or key in sel:
+                    out[key] = build(child, f"{h5path}/{_child_name(key, position)}", depth + 1,
+                                     None if sel is None else sel[key], (*keys, key))
+            if sel is None and len(out) != len(node["items"]):
                 raise CorruptCheckpointError(f"{where}: duplicate dict keys")
+            _check_selected(sel, out.keys(), keys)
             return out
         if kind in ("list", "tuple"):
-            items = [build(child, f"{h5path}/{i}", depth + 1) for i, child in enumerate(node["items"])]
+            wanted = None if sel is None else {str(i) for i in range(len(node["items"]))} & set(sel)
+            items = [build(child, f"{h5path}/{i}", depth + 1, None if sel is None else sel[str(i)], (*keys, i))
+                     for i, child in enumerate(node["items"]) if wanted is None or str(i) in wanted]
+            _check_selected(sel, wanted or (), keys)
             return items if kind == "list" else tuple(items)
+        if sel is not None:
+            raise SelectionError(
+                f"No key {_keystr((*keys, next(iter(sel))))} in {where}: {_keystr(keys)} is not a container"
+            )
         if kind == "none":
             return None
         return leaf_value(node, h5path)
 
-    return build(spec, "/" + STATE, 0)
+    def _check_selected(sel: Selection | None, found: Iterable[str], keys: tuple[str | int, ...]) -> None:
+        missing = [] if sel is None else sorted(set(sel) - set(found))
+        if missing:
+            raise SelectionError(f"No key {_keystr((*keys, missing[0]))} in {where}")
+
+    return build(spec, "/" + STATE, 0, select, ())
 
 
 def _check_claimed_bytes(f: _File, spec: Any) -> None:
@@ -957,10 +1009,13 @@ def _check_claimed_bytes(f: _File, spec: Any) -> None:
         raise CorruptCheckpointError(f"{where}: the tree claims {total} bytes of arrays, the file has {size}")
 
 
-def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tree, dict[str, Any]]:
+def read_file(
+    path: str | os.PathLike[str], *, verify: bool = True, select: Selection | None = None
+) -> tuple[Tree, dict[str, Any]]:
     """Read a checkpoint file; return ``(tree, manifest)``.
 
-    With ``verify`` every array's checksum is checked against the manifest.
+    With ``verify`` every array read has its checksum checked against the manifest.
+    With ``select`` (see :func:`selection`) only those subtrees are read.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -989,7 +1044,9 @@ def read_file(path: str | os.PathLike[str], *, verify: bool = True) -> tuple[Tre
             return _decode_scalar(kind, array, where)
 
         try:
-            tree = _build(spec, leaf_value, where)
+            tree = _build(spec, leaf_value, where, select)
+        except SelectionError:
+            raise
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, CorruptCheckpointError):
                 raise

@@ -9,7 +9,7 @@ import time
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -1021,16 +1021,30 @@ class CheckpointManager:
 
     # --------------------------------------------------------------------- restoring
 
-    def restore(self, which: Which = "latest", *, verify: bool = True) -> Any:
+    def restore(
+        self, which: Which = "latest", *, verify: bool = True, select: str | Sequence[str] | None = None
+    ) -> Any:
         """Load a checkpoint's state tree (or, for a payload checkpoint, its file's path).
 
         ``"latest"`` falls back to the newest checkpoint that verifies, warning
         (:class:`CheckpointWarning`) about each one it skips; ``"best"`` and a step
         number load exactly that checkpoint.
 
+        Example (a server needs the parameters, not the optimizer state):
+
+        >>> import ckptmgr, numpy as np, tempfile
+        >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
+        ...     _ = mgr.save(1, {"params": {"w": np.ones(2), "b": 0.5}, "opt": {"m": np.zeros(2)}})
+        ...     mgr.restore(select="params/b"), mgr.restore(select=["params/w", "opt"])
+        ({'params': {'b': 0.5}}, {'params': {'w': array([1., 1.])}, 'opt': {'m': array([0., 0.])}})
+
         Args:
             which: ``"latest"``, ``"best"`` or a step.
             verify: check every checksum (recommended; the cost is small).
+            select: read only these subtrees: a key path with ``/`` between keys
+                (``"params"``, ``"params/dense/kernel"``; list items by index), or a
+                list of them. The result keeps the same nesting with only the selected
+                parts; nothing else is read from the file, and what is read is verified.
 
         Returns:
             The state tree, equal to the one saved (types, dtypes, shapes, values); for
@@ -1041,8 +1055,10 @@ class CheckpointManager:
             CorruptCheckpointError: the named checkpoint (or every checkpoint, for
                 ``"latest"``) fails verification.
             CheckpointIOError: a file could not be read.
+            KeyError: a selected key path is not in the checkpoint (the message names it).
+            ValueError: ``select`` is malformed, or given for a payload checkpoint.
         """
-        return self._restore(which, verify)[0]
+        return self._restore(which, verify, _parse_select(select))[0]
 
     def restore_or_initialize(self, init: Callable[[], T]) -> T | Any:
         """The latest good checkpoint's state, or ``init()`` if there is no checkpoint.
@@ -1094,7 +1110,7 @@ class CheckpointManager:
                 return record
         raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
 
-    def _load(self, record: _Record, *, verify: bool, tree: bool = True) -> Any:
+    def _load(self, record: _Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None) -> Any:
         """Read (and verify) one checkpoint: its tree, or a payload's path."""
         path = record.info.path
         if record.corrupt is not None:
@@ -1111,12 +1127,16 @@ class CheckpointManager:
                             f"{path}: checksum mismatch (file has {size} bytes, crc32 {crc:#010x}; "
                             f"expected {record.meta.get('size')} bytes, crc32 {record.meta.get('crc32', 0):#010x})"
                         )
+                if select is not None:
+                    raise ValueError(
+                        f"Expected a state-tree checkpoint for select=. Received: {path} is a file payload"
+                    )
                 return path
             if not tree:
                 manifest = codec.verify_file(path)
                 value = None
             else:
-                value, manifest = codec.read_file(path, verify=verify)
+                value, manifest = codec.read_file(path, verify=verify, select=select)
         except (CorruptCheckpointError, CheckpointNotFoundError):
             raise
         except FileNotFoundError as exc:
@@ -1156,12 +1176,12 @@ class CheckpointManager:
         if (now.get("name"), now.get("size"), now.get("crc32")) == (name, size, crc):
             raise CheckpointNotFoundError(f"{record.info.path} was replaced while being read")
 
-    def _restore(self, which: Which, verify: bool) -> tuple[Any, CheckpointInfo]:
+    def _restore(self, which: Which, verify: bool, select: codec.Selection | None = None) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
             for attempt in range(_READ_RETRIES):
                 record = self._resolve(which)
                 try:
-                    value = self._load(record, verify=verify)
+                    value = self._load(record, verify=verify, select=select)
                 except CheckpointNotFoundError:
                     # A reader racing the writer: "best" may have moved on; list again.
                     if not (self._read_only and which == "best") or attempt == _READ_RETRIES - 1:
@@ -1182,7 +1202,7 @@ class CheckpointManager:
             raced = False
             for record in candidates:
                 try:
-                    value = self._load(record, verify=verify)
+                    value = self._load(record, verify=verify, select=select)
                 except _Replaced as replaced:
                     # The newest file is a commit in progress: serve it as its own step.
                     self._after_restore(replaced.record)
@@ -1237,6 +1257,21 @@ def _check_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
         raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
     return int(step)
+
+
+def _parse_select(select: str | Sequence[str] | None) -> codec.Selection | None:
+    if select is None:
+        return None
+    paths = [select] if isinstance(select, str) else select
+    if isinstance(paths, (bytes, Mapping)) or not all(isinstance(p, str) for p in paths) or not paths:
+        raise ValueError(
+            "Expected select to be a key path such as 'params' or 'params/dense/kernel', or a "
+            f"non-empty list of them. Received: select={select!r}"
+        )
+    split = [p.strip("/").split("/") for p in paths]
+    if any(not all(split_path) for split_path in split):
+        raise ValueError(f"Expected key paths without empty segments. Received: select={select!r}")
+    return codec.selection(split)
 
 
 def _opened_at() -> str:
