@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .info import CheckpointInfo
+from .info import CheckpointInfo, KeepReason
 from .policies import (
     AnyRetention,
     KeepBest,
@@ -41,7 +41,7 @@ class Record:
     meta: dict[str, object]
     corrupt: str | None = None
     sidecar: str | None = None  # payload checkpoints: the metadata file's name
-    recorded_reasons: tuple[str, ...] = ()  # what the writer's index said, for readers
+    recorded_reasons: tuple[KeepReason, ...] = ()  # what the writer's index said, for readers
 
     @property
     def files(self) -> list[str]:
@@ -164,8 +164,8 @@ class IncrementalKeep:
             leaves.append(leaf)  # type: ignore[arg-type]
         return cls(leaves, monitor, mode)
 
-    def reasons(self, catalog: Catalog, step: int) -> list[str] | None:
-        kept: list[str] | None = None
+    def reasons(self, catalog: Catalog, step: int) -> list[KeepReason] | None:
+        kept: list[KeepReason] | None = None
         for leaf in self._leaves:
             reason = self._leaf_reason(catalog, leaf, step)
             if reason is not None:
@@ -175,12 +175,14 @@ class IncrementalKeep:
                     kept.append(reason)
         return kept
 
-    def _leaf_reason(self, catalog: Catalog, leaf: KeepLast | KeepBest | KeepEvery | None, step: int) -> str | None:
+    def _leaf_reason(
+        self, catalog: Catalog, leaf: KeepLast | KeepBest | KeepEvery | None, step: int
+    ) -> KeepReason | None:
         if leaf is None:
-            return "keep all"
+            return KeepReason.keep_all()
         steps = catalog.steps
         if isinstance(leaf, KeepLast):
-            return f"last {leaf.n}" if len(steps) - bisect.bisect_left(steps, step) <= leaf.n else None
+            return KeepReason.last(leaf.n) if len(steps) - bisect.bisect_left(steps, step) <= leaf.n else None
         if isinstance(leaf, KeepBest):
             best = leaf.metric(self._context)
             if best is None:
@@ -190,11 +192,11 @@ class IncrementalKeep:
             if key is None:
                 return None
             rank = bisect.bisect_left(catalog.ranking(monitor, mode), key)
-            return f"best {monitor} #{rank + 1}" if rank < leaf.n else None
+            return KeepReason.ranked(monitor, rank + 1) if rank < leaf.n else None
         if leaf.steps is not None:
             i = bisect.bisect_left(steps, step)
             first = i == 0 or steps[i - 1] // leaf.steps != step // leaf.steps
-            return f"every {leaf.steps} steps" if first else None
+            return KeepReason.every(f"{leaf.steps} steps") if first else None
         interval = float(leaf.seconds)  # type: ignore[arg-type]
         order = catalog.by_time()
         key = _time_key(catalog.records[step].info)
@@ -202,7 +204,7 @@ class IncrementalKeep:
         first = i == 0 or math.floor(order[i - 1][0] / interval) != math.floor(key[0] / interval)
         if not first:
             return None
-        return f"every {seconds_text(interval)}"
+        return KeepReason.every(seconds_text(interval))
 
     def affected(self, catalog: Catalog) -> set[int]:
         changes = catalog.changes

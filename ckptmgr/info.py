@@ -1,10 +1,106 @@
-"""CheckpointInfo: what the manager knows about one committed checkpoint."""
+"""CheckpointInfo and KeepReason: what the manager knows about one committed checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
+
+ReasonKind = Literal[
+    "latest",       # the newest checkpoint (never deleted)
+    "best",         # the monitored metric's best (never deleted); detail: the metric
+    "last",         # KeepLast; detail: n
+    "ranked",       # KeepBest; detail: the metric
+    "every",        # KeepEvery; detail: the interval as text
+    "keep all",     # no retention policy
+    "custom",       # a user-defined policy's reason
+    "just saved",   # a save below the newest that no policy keeps (kept anyway)
+    "unretained",   # no policy keeps it; deleted at the next save
+    "not deleted",  # retention could not delete it; detail: the error
+    "corrupt",      # it does not verify; detail: why
+]
+REASON_KINDS: frozenset[str] = frozenset(ReasonKind.__args__)  # type: ignore[attr-defined]
+
+
+class KeepReason(str):
+    """Why retention keeps a checkpoint: the text people read, with a ``kind`` and ``detail``.
+
+    It is a ``str`` (``"latest"``, ``"best val_loss #1"``, ``"every 10000 steps"``), so
+    it prints, compares and serialises as one; code that needs to know what it means
+    reads ``kind`` and ``detail`` instead of parsing the text.
+
+    >>> from ckptmgr.info import KeepReason
+    >>> reason = KeepReason.ranked("val_loss", 1)
+    >>> reason, reason.kind, reason.detail, reason == "best val_loss #1"
+    ('best val_loss #1', 'ranked', 'val_loss', True)
+    """
+
+    kind: ReasonKind
+    detail: str
+
+    def __new__(cls, text: str, kind: ReasonKind = "custom", detail: str = "") -> KeepReason:
+        if kind not in REASON_KINDS:
+            raise ValueError(f"Expected a reason kind among {sorted(REASON_KINDS)}. Received: kind={kind!r}")
+        self = super().__new__(cls, text)
+        self.__dict__.update(kind=kind, detail=detail)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"KeepReason is immutable (cannot set {name!r})")
+
+    def __repr__(self) -> str:
+        return str.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (KeepReason, (str(self), self.kind, self.detail))
+
+    @classmethod
+    def of(cls, reason: str) -> KeepReason:
+        """``reason`` itself if it is a KeepReason, else a user policy's reason."""
+        return reason if isinstance(reason, KeepReason) else cls(str(reason), "custom")
+
+    # The texts below are the only place each reason's wording is defined.
+
+    @classmethod
+    def latest(cls) -> KeepReason:
+        return cls("latest", "latest")
+
+    @classmethod
+    def best(cls, monitor: str) -> KeepReason:
+        return cls(f"best {monitor}", "best", monitor)
+
+    @classmethod
+    def last(cls, n: int) -> KeepReason:
+        return cls(f"last {n}", "last", str(n))
+
+    @classmethod
+    def ranked(cls, monitor: str, rank: int) -> KeepReason:
+        return cls(f"best {monitor} #{rank}", "ranked", monitor)
+
+    @classmethod
+    def every(cls, interval: str) -> KeepReason:
+        return cls(f"every {interval}", "every", interval)
+
+    @classmethod
+    def keep_all(cls) -> KeepReason:
+        return cls("keep all", "keep all")
+
+    @classmethod
+    def just_saved(cls) -> KeepReason:
+        return cls("just saved", "just saved")
+
+    @classmethod
+    def unretained(cls) -> KeepReason:
+        return cls("unretained: deleted at the next save", "unretained")
+
+    @classmethod
+    def not_deleted(cls, error: object) -> KeepReason:
+        return cls(f"not deleted: {error}", "not deleted", str(error))
+
+    @classmethod
+    def corrupt(cls, why: str) -> KeepReason:
+        return cls(f"corrupt: {why}", "corrupt", why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,16 +113,23 @@ class CheckpointInfo:
     >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
     ...     info = mgr.save(10, {"w": [1.0, 2.0]}, metrics={"loss": 0.5})
     ...     info = mgr.latest
-    >>> info.step, info.metrics["loss"], info.keep_reasons
-    (10, 0.5, ('latest', 'keep all'))
+    >>> info.step, info.metrics["loss"], info.keep_reasons, info.kind
+    (10, 0.5, ('latest', 'keep all'), 'tree')
 
     Attributes:
         step: the training step it was saved at.
-        path: the checkpoint file.
+        path: the checkpoint file (for a payload, the framework's own file).
         metrics: the metrics passed to ``save``.
         time: when it was saved, POSIX seconds.
         nbytes: bytes of array data in the state (the file is slightly larger).
-        keep_reasons: why retention keeps it, e.g. ``("latest", "best val_loss #1")``.
+        keep_reasons: why retention keeps it, e.g. ``("latest", "best val_loss #1")``:
+            :class:`KeepReason` strings, each with a ``kind`` and ``detail``.
+        kind: ``"tree"`` (a state tree in ckptmgr's HDF5 format) or ``"payload"`` (a
+            framework's own file saved with :class:`ckptmgr.FilePayload`).
+        metadata_path: where its metadata lives: the file itself for a tree, the
+            payload's metadata file for a payload.
+        corrupt: why it does not verify, when its metadata already showed that (None
+            otherwise; data checksums are checked by ``restore`` and ``verify``).
     """
 
     step: int
@@ -34,12 +137,18 @@ class CheckpointInfo:
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict, hash=False)
     time: float = 0.0
     nbytes: int = 0
-    keep_reasons: tuple[str, ...] = ()
+    keep_reasons: tuple[KeepReason, ...] = ()
+    kind: Literal["tree", "payload"] = "tree"
+    metadata_path: Path | None = None
+    corrupt: str | None = None
 
     def __post_init__(self) -> None:
         # A private copy: changing the caller's dict must not change the record.
         object.__setattr__(self, "metrics", dict(self.metrics))
         object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "keep_reasons", tuple(KeepReason.of(r) for r in self.keep_reasons))
+        if self.metadata_path is None:
+            object.__setattr__(self, "metadata_path", self.path)
 
-    def with_reasons(self, reasons: tuple[str, ...]) -> CheckpointInfo:
+    def with_reasons(self, reasons: tuple[KeepReason, ...]) -> CheckpointInfo:
         return dataclasses.replace(self, keep_reasons=reasons)

@@ -29,7 +29,7 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointInfo
+from .info import REASON_KINDS, CheckpointInfo, KeepReason
 from .metrics import MetricTracker, Mode, is_finite_number
 from .payload import FilePayload
 from .policies import (
@@ -484,7 +484,8 @@ class CheckpointManager:
             return codec.encode_sidecar(meta)
 
         storage.commit_payload(self._directory, tmp, name, record, codec.checksum)
-        return self._committed(_Record(self._info(name, meta), _meta_subset(meta), sidecar=storage.sidecar_name(name)))
+        sidecar = storage.sidecar_name(name)
+        return self._committed(_Record(self._info(name, meta, sidecar), _meta_subset(meta), sidecar=sidecar))
 
     def _committed(self, record: _Record) -> CheckpointInfo:
         """Take a just-committed checkpoint into the records, then run retention."""
@@ -748,9 +749,9 @@ class CheckpointManager:
             # A reader does not know the writer's policies: show what the writer said
             # (and what it could not know: damage found since).
             for record in self._records.values():
-                recorded = tuple(r for r in record.recorded_reasons if not r.startswith("corrupt: "))
+                recorded = tuple(r for r in record.recorded_reasons if r.kind != "corrupt")
                 if record.corrupt:
-                    recorded += (f"corrupt: {record.corrupt}",)
+                    recorded += (KeepReason.corrupt(record.corrupt),)
                 record.info = record.info.with_reasons(recorded)
             return []
         tracker = self._tracker
@@ -764,7 +765,7 @@ class CheckpointManager:
             IncrementalKeep.build(keep, monitor, mode)
             if own and delete and self._labels_current and not self._read_only else None
         )
-        policy_reasons: Callable[[int], list[str] | None]
+        policy_reasons: Callable[[int], list[KeepReason] | None]
         if incremental is not None:
             # Only what the changes since the last labelling can have moved.
             todo = sorted(
@@ -777,38 +778,37 @@ class CheckpointManager:
         else:
             todo = list(steps)
             if keep is None:
-                policy_reasons = lambda step: ["keep all"]  # noqa: E731
+                policy_reasons = lambda step: [KeepReason.keep_all()]  # noqa: E731
             else:
                 context = RetentionContext(now=self._clock(), monitor=monitor, mode=mode)
                 chosen = keep.keep([self._records[s].info for s in steps], context)
-                policy_reasons = lambda step: list(chosen[step]) if step in chosen else None  # noqa: E731
-        kept: dict[int, list[str]] = {}
+                policy_reasons = lambda step: [KeepReason.of(r) for r in chosen[step]] if step in chosen else None  # noqa: E731
+        kept: dict[int, list[KeepReason]] = {}
         doomed: list[CheckpointInfo] = []
         for step in todo:
             reasons = policy_reasons(step)
             # The two protections of invariant 5, whatever the policies say.
             if step == latest:
-                reasons = ["latest", *(reasons or [])]
+                reasons = [KeepReason.latest(), *(reasons or [])]
             if step == just_saved and reasons is None:
                 # A step below the newest (a run resumed from an older checkpoint) that no
                 # policy keeps: deleting what save() just promised would be absurd.
-                reasons = ["just saved"]
+                reasons = [KeepReason.just_saved()]
             if step == best_step and tracker is not None:
-                label = f"best {tracker.monitor}"
                 reasons = reasons or []
-                if not any(r.startswith(label) for r in reasons):
-                    reasons.insert(0, label)
+                if not any(r.kind in ("best", "ranked") and r.detail == tracker.monitor for r in reasons):
+                    reasons.insert(0, KeepReason.best(tracker.monitor))
             record = self._records[step]
             if reasons is None:
                 doomed.append(record.info)
                 continue
             if record.corrupt:
-                reasons.append(f"corrupt: {record.corrupt}")
+                reasons.append(KeepReason.corrupt(record.corrupt))
             kept[step] = reasons
         removed: list[CheckpointInfo] = []
         if not delete:
             for info in doomed:
-                kept[info.step] = ["unretained: deleted at the next save"]
+                kept[info.step] = [KeepReason.unretained()]
             removed, doomed = doomed, []
         failures = self._delete_files([f for info in doomed for f in self._records[info.step].files])
         for info in doomed:
@@ -816,7 +816,7 @@ class CheckpointManager:
             # orphan that the next writer's open removes.
             failed = failures.get(info.path.name)
             if failed is not None:
-                kept[info.step] = [f"not deleted: {failed}"]
+                kept[info.step] = [KeepReason.not_deleted(failed)]
             else:
                 # Deleting a checkpoint no policy keeps moves no other checkpoint's
                 # label: it is in no window, ranking top or interval start.
@@ -832,7 +832,7 @@ class CheckpointManager:
             self._labelled = {latest, *([] if best_step is None else [best_step]),
                               *([] if just_saved is None else [just_saved])}
             # Checkpoints still there that no policy keeps: the next save retries them.
-            pending = {s for s, r in kept.items() if r and r[0].startswith(("unretained", "not deleted"))}
+            pending = {s for s, r in kept.items() if r and r[0].kind in ("unretained", "not deleted")}
             if incremental is None:
                 self._unretained = pending
             else:
@@ -852,7 +852,9 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------- records
 
-    def _info(self, name: str, meta: Mapping[str, Any]) -> CheckpointInfo:
+    def _info(
+        self, name: str, meta: Mapping[str, Any], sidecar: str | None = None, corrupt: str | None = None
+    ) -> CheckpointInfo:
         metrics = meta.get("metrics")
         return CheckpointInfo(
             step=int(meta["step"]),
@@ -860,6 +862,9 @@ class CheckpointManager:
             metrics=metrics if isinstance(metrics, dict) else {},
             time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
             nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
+            kind="payload" if sidecar is not None else "tree",
+            metadata_path=self._directory / (sidecar or name),
+            corrupt=corrupt,
         )
 
     def _recover(self) -> None:
@@ -910,8 +915,7 @@ class CheckpointManager:
                     and type(cached["meta"].get("step")) is int
                 ):
                     meta, corrupt = cached["meta"], cached.get("corrupt")
-                    reasons = cached.get("reasons")
-                    recorded = tuple(r for r in reasons if isinstance(r, str)) if isinstance(reasons, list) else ()
+                    recorded = _recorded_reasons(cached.get("reasons"))
                 else:
                     changed = True
                     recorded = ()
@@ -942,9 +946,9 @@ class CheckpointManager:
                     except FileNotFoundError:
                         orphans.append(entry.name)
                         continue
-                    record = _Record(self._info(name, meta), meta, corrupt, entry.name, recorded)
+                    record = _Record(self._info(name, meta, entry.name, corrupt), meta, corrupt, entry.name, recorded)
                 else:
-                    record = _Record(self._info(entry.name, meta), meta, corrupt, None, recorded)
+                    record = _Record(self._info(entry.name, meta, None, corrupt), meta, corrupt, None, recorded)
                 previous = records.get(record.info.step)
                 if previous is None or previous.info.time <= record.info.time:
                     records[record.info.step] = record
@@ -992,7 +996,7 @@ class CheckpointManager:
             data = {
                 e.name: {"size": e.size, "mtime_ns": e.mtime_ns, "meta": by_file[e.name].meta,
                          "corrupt": by_file[e.name].corrupt,
-                         "reasons": list(by_file[e.name].info.keep_reasons)}
+                         "reasons": [[r, r.kind, r.detail] for r in by_file[e.name].info.keep_reasons]}
                 for e in entries if e.name in by_file
             }
         storage.save_index(self._directory, data)
@@ -1167,7 +1171,7 @@ class CheckpointManager:
                 raise _Replaced(
                     f"{record.info.path} no longer holds step {record.info.step}: it is step "
                     f"{pending['step']}, being committed",
-                    _Record(self._info(name, meta), meta, sidecar=record.sidecar),
+                    _Record(self._info(name, meta, record.sidecar), meta, sidecar=record.sidecar),
                 )
         try:
             now = codec.decode_sidecar(storage.read_small(self._directory / record.sidecar))
@@ -1257,6 +1261,17 @@ def _check_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
         raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
     return int(step)
+
+
+def _recorded_reasons(cached: object) -> tuple[KeepReason, ...]:
+    """The writer's keep reasons from an index entry (``[text, kind, detail]`` each)."""
+    if not isinstance(cached, list):
+        return ()
+    return tuple(
+        KeepReason(item[0], item[1], item[2]) for item in cached
+        if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item)
+        and item[1] in REASON_KINDS
+    )
 
 
 def _parse_select(select: str | Sequence[str] | None) -> codec.Selection | None:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .info import CheckpointInfo
+from .info import CheckpointInfo, KeepReason
 from .metrics import Mode, is_finite_number, resolve_mode
 
 __all__ = [
@@ -275,7 +275,7 @@ class KeepLast(_KeepOps):
     def keep(
         self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
     ) -> Mapping[int, list[str]]:
-        return {c.step: [f"last {self.n}"] for c in checkpoints[-self.n:]}
+        return {c.step: [KeepReason.last(self.n)] for c in checkpoints[-self.n:]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +329,7 @@ class KeepBest(_KeepOps):
             return {}
         monitor, mode = metric
         ranked = best_order(checkpoints, monitor, mode)[: self.n]
-        return {c.step: [f"best {monitor} #{i}"] for i, c in enumerate(ranked, 1)}
+        return {c.step: [KeepReason.ranked(monitor, i)] for i, c in enumerate(ranked, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,11 +368,11 @@ class KeepEvery(_KeepOps):
     ) -> Mapping[int, list[str]]:
         if self.steps is not None:
             interval: float = self.steps
-            reason = f"every {self.steps} steps"
+            reason = KeepReason.every(f"{self.steps} steps")
             bucket_of: Callable[[CheckpointInfo], int] = lambda c: c.step // self.steps  # type: ignore[operator]  # noqa: E731
         else:
             interval = float(self.seconds)  # type: ignore[arg-type]
-            reason = f"every {seconds_text(interval)}"
+            reason = KeepReason.every(seconds_text(interval))
             bucket_of = lambda c: math.floor(c.time / interval)  # noqa: E731
         kept: dict[int, list[str]] = {}
         seen: set[int] = set()

@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 LOCK_NAME = ".ckptmgr.lock"
 INDEX_NAME = ".ckptmgr-index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: keep reasons stored as [text, kind, detail]
 _CKPT_RE = re.compile(r"ckpt-(\d{9,20})\.h5")
 _TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp(-.+)?", re.DOTALL)
 _COMMIT_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.commit")

@@ -7,11 +7,11 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
-from conftest import FakeClock, assert_tree_equal, checkpoint_files, temp_files
+from _trees import assert_tree_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +45,23 @@ def reasons_of(mgr: CheckpointManager) -> dict[int, tuple[str, ...]]:
     return {c.step: c.keep_reasons for c in mgr.checkpoints}
 
 
-def on_disk(directory: Path) -> list[int]:
-    return [int(name[5:-3]) for name in checkpoint_files(directory)]
+class FakeClock(Protocol):
+    """The ``clock`` fixture (conftest.py): a clock the test moves by hand."""
+
+    now: float
+
+    def __call__(self) -> float: ...
+
+    def advance(self, seconds: float) -> float: ...
+
+
+OnDisk = Callable[[Path], list[int]]
+
+
+@pytest.fixture(scope="session")
+def on_disk(checkpoint_files: Callable[[Path], list[str]]) -> OnDisk:
+    """``on_disk(directory)``: the steps of the native checkpoint files in it, sorted."""
+    return lambda directory: [int(name[5:-3]) for name in checkpoint_files(directory)]
 
 
 @pytest.fixture
@@ -68,7 +83,7 @@ def open_manager(ckpt_dir: Path, clock: FakeClock) -> Iterator[Callable[..., Che
 # ----------------------------------------------------------------- save and restore
 
 
-def test_save_restore_latest_best_checkpoints(ckpt_dir: Path, clock: FakeClock) -> None:
+def test_save_restore_latest_best_checkpoints(ckpt_dir: Path, clock: FakeClock, on_disk: OnDisk) -> None:
     assert not ckpt_dir.exists()
     with CheckpointManager(ckpt_dir, monitor="val_loss", clock=clock) as mgr:
         assert ckpt_dir.is_dir()
@@ -315,7 +330,7 @@ def test_force_bypasses_the_policy(open_manager: Callable[..., CheckpointManager
 # ---------------------------------------------------------------------- retention
 
 
-def test_retention_never_deletes_latest_or_best(ckpt_dir: Path) -> None:
+def test_retention_never_deletes_latest_or_best(ckpt_dir: Path, on_disk: OnDisk) -> None:
     with CheckpointManager(ckpt_dir, keep=KeepLast(2), monitor="val_loss") as mgr:
         mgr.save(1, state_of(1), metrics={"val_loss": 0.1})  # the best, forever
         for step in range(2, 8):
@@ -327,7 +342,7 @@ def test_retention_never_deletes_latest_or_best(ckpt_dir: Path) -> None:
         assert_tree_equal(mgr.restore("best"), state_of(1))
 
 
-def test_latest_is_protected_even_when_no_policy_keeps_it(ckpt_dir: Path) -> None:
+def test_latest_is_protected_even_when_no_policy_keeps_it(ckpt_dir: Path, on_disk: OnDisk) -> None:
     with CheckpointManager(ckpt_dir, keep=KeepBest(1), monitor="val_loss") as mgr:
         mgr.save(1, {}, metrics={"val_loss": 0.1})
         mgr.save(2, {}, metrics={"val_loss": 0.5})
@@ -350,7 +365,7 @@ def test_latest_is_protected_even_when_no_policy_keeps_it(ckpt_dir: Path) -> Non
                       9: ("latest", "last 1")}, id="every4-or-last1"),
     ],
 )
-def test_keep_reasons(ckpt_dir: Path, keep: Any, expected: dict[int, tuple[str, ...]]) -> None:
+def test_keep_reasons(ckpt_dir: Path, keep: Any, expected: dict[int, tuple[str, ...]], on_disk: OnDisk) -> None:
     with CheckpointManager(ckpt_dir, keep=keep, monitor="val_loss") as mgr:
         for step in range(10):
             mgr.save(step, {"s": step}, metrics={"val_loss": float(step)})
@@ -368,8 +383,8 @@ def test_keep_reasons(ckpt_dir: Path, keep: Any, expected: dict[int, tuple[str, 
     last=st.integers(1, 3),
     best=st.integers(1, 2),
 )
-def test_retention_property(tmp_path_factory: pytest.TempPathFactory, values: list[float | None], last: int,
-                            best: int) -> None:
+def test_retention_property(tmp_path_factory: pytest.TempPathFactory, on_disk: OnDisk, values: list[float | None],
+                            last: int, best: int) -> None:
     """After every save: kept == KeepLast | KeepBest over everything saved so far, plus latest
     and best; the files on disk are exactly the ones listed, and each restores."""
     directory = tmp_path_factory.mktemp("prop")
@@ -541,7 +556,7 @@ def test_files_that_are_not_ours_are_never_deleted(ckpt_dir: Path) -> None:
         assert steps_of(reader) == [14]
 
 
-def test_leftover_temp_files_are_removed_on_the_next_open(ckpt_dir: Path) -> None:
+def test_leftover_temp_files_are_removed_on_the_next_open(ckpt_dir: Path, temp_files: Callable[[Path], list[str]]) -> None:
     with CheckpointManager(ckpt_dir) as mgr:
         mgr.save(1, {"a": 1})
     leftovers = [".ckpt-0123456789abcdef.tmp", ".ckpt-fedcba9876543210.tmp"]
@@ -577,7 +592,7 @@ def test_index_cache_deleted_or_garbage_is_rebuilt(ckpt_dir: Path, garbage: byte
         expected = mgr.checkpoints
         tracker = mgr.tracker.state_dict() if mgr.tracker else None
     index = ckpt_dir / ".ckptmgr-index.json"
-    assert json.loads(index.read_bytes())["version"] == 1
+    assert json.loads(index.read_bytes())["version"] == 2
     if garbage is None:
         index.unlink()
     else:
@@ -666,7 +681,8 @@ def test_async_save_writes_a_snapshot(ckpt_dir: Path, gated_writes: threading.Ev
     assert_tree_equal(restored, {"w": np.zeros((100, 100)), "layers": [np.ones(3)]})
 
 
-def test_async_save_commits_in_order_and_close_waits(ckpt_dir: Path, gated_writes: threading.Event) -> None:
+def test_async_save_commits_in_order_and_close_waits(ckpt_dir: Path, gated_writes: threading.Event,
+                                                     on_disk: OnDisk) -> None:
     gated_writes.set()
     with CheckpointManager(ckpt_dir, async_save=True, keep=KeepLast(2)) as mgr:
         for step in range(6):
@@ -678,7 +694,8 @@ def test_async_save_commits_in_order_and_close_waits(ckpt_dir: Path, gated_write
 
 @pytest.mark.parametrize("surface", ["wait", "save", "close"])
 def test_async_errors_surface_on_the_next_call(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                               surface: str) -> None:
+                                               surface: str, on_disk: OnDisk,
+                                               temp_files: Callable[[Path], list[str]]) -> None:
     import errno
 
     real_replace = os.replace
@@ -728,7 +745,7 @@ def test_async_save_follows_the_save_policy(ckpt_dir: Path, gated_writes: thread
             gated_writes.set()
 
 
-def test_opening_with_a_stricter_policy_deletes_nothing_until_the_next_save(ckpt_dir: Path) -> None:
+def test_opening_with_a_stricter_policy_deletes_nothing_until_the_next_save(ckpt_dir: Path, on_disk: OnDisk) -> None:
     with CheckpointManager(ckpt_dir) as mgr:
         for step in range(1, 6):
             mgr.save(step, {"s": step})
