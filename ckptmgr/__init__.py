@@ -21,8 +21,8 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointInfo
-from .manager import CheckpointManager
+from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo
+from .manager import CheckpointManager, is_checkpoint_directory
 from .metrics import MetricTracker
 from .payload import FilePayload
 from .policies import (
@@ -41,6 +41,7 @@ from .policies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointDescription",
     "CheckpointError",
     "CheckpointIOError",
     "CheckpointInfo",
@@ -55,6 +56,8 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "KeepReason",
+    "LeafInfo",
     "MetricTracker",
     "MissingMetricWarning",
     "OnImprovement",
@@ -65,4 +68,5 @@ __all__ = [
     "StepOrderError",
     "__version__",
     "follow",
+    "is_checkpoint_directory",
 ]

@@ -72,6 +72,7 @@ from h5py import h5a, h5d, h5fd, h5g, h5l, h5s, h5t
 
 from . import storage
 from .errors import CheckpointError, CorruptCheckpointError
+from .info import LeafInfo
 
 _crc32c: Any
 try:
@@ -734,6 +735,20 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     with _reading(os.fspath(path)), _File(path) as f:
         return _read_manifest(f)
+
+
+def describe_leaves(manifest: Mapping[str, Any], where: str) -> list[LeafInfo]:
+    """Every stored leaf of a manifest's tree: key path, kind, dtype, shape, bytes.
+
+    Raises:
+        CorruptCheckpointError: the tree description is malformed.
+    """
+    out = []
+    for keys, _h5path, node in iter_leaves(manifest.get("tree"), where):
+        shape = _validate_shape(node, where)
+        dtype = _dtype_from_str(node.get("dtype"), where)
+        out.append(LeafInfo(keys, str(node["t"]), dtype.name, shape, math.prod(shape) * dtype.itemsize))
+    return out
 
 
 def _validate_shape(node: dict[str, Any], where: str) -> tuple[int, ...]:

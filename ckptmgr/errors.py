@@ -39,7 +39,14 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 
 class DirectoryLockedError(CheckpointError, BlockingIOError):
-    """Another live process holds the writer lock of a checkpoint directory."""
+    """Another writer (a live process, or a manager open in this one) holds the lock.
+
+    ``lock_path`` is the lock file, or None where the lock is not a file.
+    """
+
+    def __init__(self, message: str, *, lock_path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.lock_path = None if lock_path is None else os.fspath(lock_path)
 
 
 class StepOrderError(CheckpointError, ValueError):

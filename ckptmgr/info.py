@@ -152,3 +152,49 @@ class CheckpointInfo:
 
     def with_reasons(self, reasons: tuple[KeepReason, ...]) -> CheckpointInfo:
         return dataclasses.replace(self, keep_reasons=reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One stored leaf of a state tree, as its checkpoint describes it (nothing read).
+
+    Attributes:
+        key_path: the keys and indices from the root, e.g. ``("params", "dense", 0)``.
+        kind: ``"ndarray"``, ``"npscalar"``, ``"int"``, ``"float"``, ``"bool"``,
+            ``"complex"``, ``"str"`` or ``"bytes"``.
+        dtype: the stored dtype's name, e.g. ``"float32"``, ``"bfloat16"``.
+        shape: the stored shape (``()`` for scalars).
+        nbytes: bytes of data.
+    """
+
+    key_path: tuple[str | int, ...]
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointDescription:
+    """A checkpoint's metadata and the layout of its state tree, without its arrays.
+
+    Example:
+
+    >>> import ckptmgr, numpy as np, tempfile
+    >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
+    ...     _ = mgr.save(3, {"w": np.zeros((2, 3), np.float32), "step": 3})
+    ...     d = mgr.describe()
+    >>> d.metadata["step"], [(leaf.key_path, leaf.dtype, leaf.shape) for leaf in d.leaves]
+    (3, [(('w',), 'float32', (2, 3)), (('step',), 'int64', ())])
+
+    Attributes:
+        info: the checkpoint.
+        metadata: its checksum-verified metadata (``step``, ``time``, ``metrics``,
+            ``tracker``, ``format``, ``checksum``, ...; for a payload also ``name``,
+            ``size`` and ``crc32`` of its file).
+        leaves: the stored leaves in tree order; None for a payload.
+    """
+
+    info: CheckpointInfo
+    metadata: Mapping[str, Any]
+    leaves: tuple[LeafInfo, ...] | None

@@ -29,7 +29,7 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import REASON_KINDS, CheckpointInfo, KeepReason
+from .info import REASON_KINDS, CheckpointDescription, CheckpointInfo, KeepReason
 from .metrics import MetricTracker, Mode, is_finite_number
 from .payload import FilePayload
 from .policies import (
@@ -1089,6 +1089,33 @@ class CheckpointManager:
         self._load(record, verify=True, tree=False)
         return record.info
 
+    def describe(self, which: Which = "latest") -> CheckpointDescription:
+        """A checkpoint's metadata and the layout of its state tree, reading no arrays.
+
+        The metadata is checksum-verified; the arrays are not read (``verify`` checks
+        them). See :class:`CheckpointDescription` for an example.
+
+        Raises:
+            CheckpointNotFoundError: no such checkpoint (or it was deleted meanwhile).
+            CorruptCheckpointError: its metadata is damaged.
+            CheckpointIOError: it could not be read.
+        """
+        record = self._resolve(which)
+        path = record.info.metadata_path or record.info.path
+        try:
+            if record.sidecar is not None:
+                meta = codec.decode_sidecar(storage.read_small(path), str(path))
+                return CheckpointDescription(record.info, meta, None)
+            manifest = codec.read_meta(path)
+            leaves = tuple(codec.describe_leaves(manifest, str(path)))
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            raise
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
+        except OSError as exc:
+            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
+        return CheckpointDescription(record.info, {k: v for k, v in manifest.items() if k != "tree"}, leaves)
+
     def _resolve(self, which: Which) -> _Record:
         self._refresh_if_reader()
         with self._mutex:
@@ -1261,6 +1288,31 @@ def _check_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
         raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
     return int(step)
+
+
+def is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory a CheckpointManager has written to.
+
+    True when it holds a checkpoint, or the writer's lock or index file (a run that
+    has not saved yet). Reads only names; takes no lock.
+
+    >>> import ckptmgr, tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> ckptmgr.is_checkpoint_directory(directory)
+    False
+    >>> ckptmgr.CheckpointManager(directory).close()
+    >>> ckptmgr.is_checkpoint_directory(directory)
+    True
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        return False
+    if any((directory / name).exists() for name in (storage.LOCK_NAME, storage.INDEX_NAME)):
+        return True
+    try:
+        return next(storage.scan(directory), None) is not None
+    except CheckpointIOError:
+        return False
 
 
 def _recorded_reasons(cached: object) -> tuple[KeepReason, ...]:

@@ -306,6 +306,7 @@ class DirectoryLock:
                     f"process ({holder.owner or 'another CheckpointManager'}). Only one writer per "
                     "directory: use that manager, or close() it first; pass read_only=True to "
                     "restore from it meanwhile",
+                    lock_path=self.path,
                 )
             self._acquire()
             DirectoryLock._held[self._key] = (os.getpid(), weakref.ref(self))
@@ -318,6 +319,7 @@ class DirectoryLock:
                 f"Checkpoint directory {self.path.parent} is locked by another writer "
                 f"(lock file {self.path}). Only one process may save to a directory; "
                 "pass read_only=True to restore from it while it is in use",
+                lock_path=self.path,
             ) from exc
         except OSError as exc:
             raise io_error("Cannot lock checkpoint directory", self.path.parent, exc) from exc

@@ -12,6 +12,7 @@ import pytest
 import ckptmgr
 
 EXPECTED_ALL = [
+    "CheckpointDescription",
     "CheckpointError",
     "CheckpointIOError",
     "CheckpointInfo",
@@ -26,6 +27,8 @@ EXPECTED_ALL = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "KeepReason",
+    "LeafInfo",
     "MetricTracker",
     "MissingMetricWarning",
     "OnImprovement",
@@ -36,6 +39,7 @@ EXPECTED_ALL = [
     "StepOrderError",
     "__version__",
     "follow",
+    "is_checkpoint_directory",
 ]
 
 
@@ -116,3 +120,28 @@ def test_core_imports_no_ml_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_cli_uses_only_the_public_api() -> None:
+    """The ``ckptmgr`` command is a user of the library like any other: it imports only
+    names in ``ckptmgr.__all__`` (and its own modules), never a private module."""
+    import ast
+    from pathlib import Path
+
+    cli = Path(ckptmgr.__file__).parent / "cli"
+    files = sorted(cli.glob("*.py"))
+    assert files, "no cli package"
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the cli package's own modules
+                    assert node.level == 1, f"{path.name}: from {'.' * node.level}{node.module} import ..."
+                    continue
+                if node.module == "ckptmgr":
+                    for alias in node.names:
+                        assert alias.name in ckptmgr.__all__, f"{path.name}: imports private ckptmgr.{alias.name}"
+                else:
+                    assert not (node.module or "").startswith("ckptmgr"), f"{path.name}: from {node.module} import ..."
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("ckptmgr"), f"{path.name}: import {alias.name}"

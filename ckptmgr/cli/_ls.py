@@ -1,0 +1,78 @@
+"""``ckptmgr ls DIR``: one row per checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ckptmgr import CheckpointManager
+
+from ._common import (
+    EXIT_OK,
+    _describe,
+    _file_size,
+    _human_bytes,
+    _local_time,
+    _marks,
+    _metrics_text,
+    _open_reader,
+    _print_json,
+    _table,
+    _tracker_json,
+)
+
+# -------------------------------------------------------------------------------- ls
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    """``ckptmgr ls DIR``: one row per checkpoint (``--all``: and those rollbacks set aside)."""
+    mgr = _open_reader(args.directory)
+    aside = [CheckpointManager(folder, read_only=True) for folder in mgr.rolled_back] if args.all else []
+    if args.json:
+        listing = _ls_json(mgr)
+        if args.all:
+            listing["rolled_back"] = [_ls_json(m) for m in aside]
+        _print_json(listing)
+        return EXIT_OK
+    _ls_print(mgr)
+    for m in aside:
+        print()
+        print(f"rolled back (set aside by rollback, not used by the run): {m.directory}")
+        _ls_print(m)
+    return EXIT_OK
+
+
+def _ls_json(mgr: CheckpointManager) -> dict[str, Any]:
+    infos = mgr.checkpoints
+    latest = infos[-1].step if infos else None
+    best_info = mgr.best
+    best = best_info.step if best_info is not None else None
+    return {
+        "directory": str(mgr.directory),
+        "tracker": _tracker_json(mgr.tracker),
+        "latest": latest,
+        "best": best,
+        "checkpoints": [_describe(c, latest, best) for c in infos],
+    }
+
+
+def _ls_print(mgr: CheckpointManager) -> None:
+    infos = mgr.checkpoints
+    if not infos:
+        print(f"no checkpoints in {mgr.directory}")
+        return
+    latest = infos[-1].step
+    best_info = mgr.best
+    best = best_info.step if best_info is not None else None
+    rows = [
+        [str(c.step), _marks(c, latest, best), _local_time(c.time), _human_bytes(_file_size(c.path)),
+         _metrics_text(c.metrics), ", ".join(r for r in c.keep_reasons if r.kind != "corrupt")
+         + (f" (corrupt: {c.corrupt})" if c.corrupt is not None else "")]
+        for c in infos
+    ]
+    for line in _table(["STEP", "MARK", "SAVED", "SIZE", "METRICS", "KEEP"], rows, right={0, 3}):
+        print(line)
+    total = sum(_file_size(c.path) or 0 for c in infos)
+    tracker = mgr.tracker
+    monitored = f"; best by {tracker.monitor} ({tracker.mode})" if tracker else ""
+    print(f"{len(infos)} checkpoint{'s' * (len(infos) != 1)}, {_human_bytes(total)}{monitored}")
