@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from ._directory import is_checkpoint_directory
 from ._follow import follow
 from .errors import (
     CheckpointError,
@@ -22,7 +23,7 @@ from .errors import (
     StepOrderError,
 )
 from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo
-from .manager import CheckpointManager, is_checkpoint_directory
+from .manager import CheckpointManager
 from .metrics import MetricTracker
 from .payload import FilePayload
 from .policies import (

@@ -17,20 +17,20 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from . import codec, storage
+from . import codec
+from ._directory import READ_RETRIES, CheckpointDirectory, Loaded
 from ._retention import Catalog, IncrementalKeep
 from ._retention import Record as _Record
 from .errors import (
     CheckpointError,
-    CheckpointIOError,
     CheckpointNotFoundError,
     CheckpointWarning,
     CorruptCheckpointError,
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import REASON_KINDS, CheckpointDescription, CheckpointInfo, KeepReason
-from .metrics import MetricTracker, Mode, is_finite_number
+from .info import CheckpointDescription, CheckpointInfo, KeepReason
+from .metrics import MetricTracker, Mode
 from .payload import FilePayload
 from .policies import (
     AllOf,
@@ -47,15 +47,7 @@ from .policies import (
 T = TypeVar("T")
 Which = int | Literal["latest", "best"]
 
-# How often a reader re-lists the directory when the checkpoint it chose was deleted
-# under it by the writer's retention (each retry sees a newer latest).
-_READ_RETRIES = 20
 _MAX_STEP = 2**63 - 1
-# The index (a cache of every checkpoint's metadata) is rewritten once this many saves
-# are missing from it, at most once per this many seconds or 100 times its last write
-# time: opening after a crash then reads the few newest checkpoints' metadata, not all.
-_INDEX_AFTER_SAVES = 16
-_INDEX_MIN_INTERVAL = 5.0
 
 
 def _policy_leaves(policy: object) -> Iterator[object]:
@@ -66,12 +58,6 @@ def _policy_leaves(policy: object) -> Iterator[object]:
         yield policy
 
 
-_META_KEYS = ("step", "time", "metrics", "nbytes", "tracker", "name", "size", "crc32")
-
-
-def _meta_subset(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a checkpoint's metadata the manager keeps in memory and in the index."""
-    return {k: manifest[k] for k in _META_KEYS if k in manifest}
 
 
 class CheckpointManager:
@@ -194,32 +180,20 @@ class CheckpointManager:
         self._labelled: set[int] = set()  # latest, best and just saved, as last labelled
         self._unretained: set[int] = set()  # kept only because deleting failed or was deferred
         self._closed = False
-        self._lock: storage.DirectoryLock | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[CheckpointInfo] | None = None
         # The step and the tracker's best before it, of the write in flight.
         self._pending_step: int | None = None
         self._pending_best: tuple[float | None, int | None] = (None, None)
         self._last_save_time = clock()
-        self._unindexed = 0  # saves since the index was last written
-        self._index_next = 0.0  # time.monotonic() before which it is not rewritten
         self._restored: CheckpointInfo | None = None
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
-        self._index_seen: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
-        if read_only:
-            if not self._directory.is_dir():
-                raise CheckpointNotFoundError(f"No checkpoint directory at {self._directory}")
-        else:
-            storage.ensure_directory(self._directory)
-            self._lock = storage.DirectoryLock(self._directory, owner=_opened_at())
-            self._lock.acquire()
+        self._dir = CheckpointDirectory(self._directory, read_only=read_only, owner=_opened_at())
         try:
-            if not read_only:
-                self._recover()
             self._refresh()
         except BaseException:
-            self._release()
+            self._dir.release()
             raise
         if async_save:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
@@ -410,7 +384,7 @@ class CheckpointManager:
         self._last_save_time = now
         if isinstance(state, FilePayload):
             self._wait_pending()
-            tmp = storage.write_payload(self._directory, state.name, state.write)
+            tmp = self._dir.write_payload(state.name, state.write)
             commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
             path = self._directory / state.name
         else:
@@ -418,7 +392,7 @@ class CheckpointManager:
                 self._wait_pending()
                 state = _snapshot(state)
             commit = lambda: self._commit_tree(step, state, meta)  # noqa: E731
-            path = self._directory / storage.checkpoint_name(step)
+            path = self._dir.tree_path(step)
         if self._executor is None:
             try:
                 return commit()
@@ -474,18 +448,10 @@ class CheckpointManager:
                            last_time=self._last_save_time, improved=improved)
 
     def _commit_tree(self, step: int, state: Any, meta: dict[str, Any]) -> CheckpointInfo:
-        name = storage.checkpoint_name(step)
-        nbytes = storage.write_atomic(self._directory, name, lambda tmp: codec.write_file(tmp, state, meta))
-        return self._committed(_Record(self._info(name, dict(meta, nbytes=nbytes)), dict(meta, nbytes=nbytes)))
+        return self._committed(self._dir.commit_tree(step, state, meta))
 
     def _commit_payload(self, name: str, tmp: Path, meta: dict[str, Any]) -> CheckpointInfo:
-        def record(size: int, crc: int) -> bytes:
-            meta.update(name=name, size=size, crc32=crc, nbytes=size)
-            return codec.encode_sidecar(meta)
-
-        storage.commit_payload(self._directory, tmp, name, record, codec.checksum)
-        sidecar = storage.sidecar_name(name)
-        return self._committed(_Record(self._info(name, meta, sidecar), _meta_subset(meta), sidecar=sidecar))
+        return self._committed(self._dir.commit_payload(name, tmp, meta))
 
     def _committed(self, record: _Record) -> CheckpointInfo:
         """Take a just-committed checkpoint into the records, then run retention."""
@@ -497,11 +463,9 @@ class CheckpointManager:
             self._catalog.add(record)
             # The same step saved under another name: the new checkpoint replaces it.
             stale = [f for old in replaced if old.info.path != record.info.path for f in old.files]
-            self._delete_files(stale)
+            self._dir.delete(stale)
             self._apply_retention(just_saved=step)
-            self._unindexed += 1
-            if self._unindexed >= _INDEX_AFTER_SAVES and time.monotonic() >= self._index_next:
-                self._write_index()
+            self._dir.saved(self._records)
             return self._records[step].info
 
     def wait(self) -> None:
@@ -542,9 +506,10 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._finalizer.detach()
-            if self._lock is not None:
-                self._write_index()
-            self._release()
+            if not self._read_only:
+                with self._mutex:
+                    self._dir.write_index(self._records)
+            self._dir.release()
 
     def delete_all(self) -> None:
         """Delete every checkpoint (the latest and the best too) and the index, then close.
@@ -571,26 +536,14 @@ class CheckpointManager:
         self._wait_pending()
         with self._mutex:
             for step in sorted(self._records):
-                record = self._records[step]
-                failures = storage.remove_files(self._directory, record.files)
-                own = record.info.path.name
-                if own in failures:
-                    raise storage.io_error("Cannot delete checkpoint", record.info.path, failures[own])
+                self._dir.delete_checkpoint(self._records[step])
                 self._catalog.remove(step)
-        storage.remove_files(self._directory, [storage.INDEX_NAME])
         self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._finalizer.detach()
-        if self._lock is not None:
-            # Unlinked while still held, so no other process can lock this file after
-            # we release it and believe it owns a directory we are deleting.
-            storage.remove_files(self._directory, [storage.LOCK_NAME])
-        self._release()
-
-    def _release(self) -> None:
-        if self._lock is not None and self._lock.is_locked:
-            self._lock.release()
+        self._dir.remove_index_and_lock()
+        self._dir.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -658,10 +611,7 @@ class CheckpointManager:
                 )
             later = [self._records[s] for s in self._catalog.steps if s > step]
             if later:
-                names = sorted({name for record in later for name in record.files})
-                folder = storage.rollback_folder(self._directory, step, self._clock())
-                storage.write_rollback_marker(self._directory, folder, names)
-                storage.finish_rollback(self._directory)
+                self._dir.set_aside(step, later, self._clock())
                 self._refresh()
                 self._skipped_corrupt.clear()
                 if self._tracker is not None:
@@ -681,7 +631,7 @@ class CheckpointManager:
         Each is a checkpoint directory of its own: ``CheckpointManager(folder,
         read_only=True)`` lists and restores what it holds.
         """
-        return storage.rolled_back_folders(self._directory)
+        return self._dir.rolled_back()
 
     # --------------------------------------------------------------------- retention
 
@@ -726,8 +676,8 @@ class CheckpointManager:
             removed = self._apply_retention(delete=not dry_run, policy=policy)
             if dry_run:
                 self._apply_retention(delete=False)  # back to the manager's own labels
-            elif self._lock is not None:
-                self._write_index()
+            else:
+                self._dir.write_index(self._records)
         return removed
 
     def _apply_retention(
@@ -810,7 +760,7 @@ class CheckpointManager:
             for info in doomed:
                 kept[info.step] = [KeepReason.unretained()]
             removed, doomed = doomed, []
-        failures = self._delete_files([f for info in doomed for f in self._records[info.step].files])
+        failures = self._dir.delete([f for info in doomed for f in self._records[info.step].files])
         for info in doomed:
             # Judged by the checkpoint's own file: a payload's sidecar left behind is an
             # orphan that the next writer's open removes.
@@ -842,39 +792,7 @@ class CheckpointManager:
             self._labels_current = False
         return removed
 
-    def _delete_files(self, names: list[str]) -> dict[str, OSError]:
-        failures = storage.remove_files(self._directory, names)
-        for name, exc in failures.items():
-            warnings.warn(
-                f"ckptmgr: cannot delete {self._directory / name}: {exc}", CheckpointWarning, stacklevel=5
-            )
-        return failures
-
     # ----------------------------------------------------------------------- records
-
-    def _info(
-        self, name: str, meta: Mapping[str, Any], sidecar: str | None = None, corrupt: str | None = None
-    ) -> CheckpointInfo:
-        metrics = meta.get("metrics")
-        return CheckpointInfo(
-            step=int(meta["step"]),
-            path=self._directory / name,
-            metrics=metrics if isinstance(metrics, dict) else {},
-            time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
-            nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
-            kind="payload" if sidecar is not None else "tree",
-            metadata_path=self._directory / (sidecar or name),
-            corrupt=corrupt,
-        )
-
-    def _recover(self) -> None:
-        """Writer only, at open: finish or discard interrupted saves."""
-        try:
-            storage.recover_commits(self._directory, codec.decode_sidecar, codec.checksum)
-            storage.remove_leftovers(self._directory)
-            storage.finish_rollback(self._directory)
-        except OSError as exc:
-            warnings.warn(f"ckptmgr: cannot clean up {self._directory}: {exc}", CheckpointWarning, stacklevel=3)
 
     def _refresh_if_reader(self) -> None:
         if self._read_only:
@@ -889,120 +807,11 @@ class CheckpointManager:
                 self._apply_retention(delete=False)
 
     def _refresh(self) -> None:
-        """(Re)build the records from the directory, reading only files the index lacks.
-
-        The writer also removes sidecars whose payload is gone (a deletion cut short)
-        and refreshes the index when it was stale.
-        """
-        index = self._load_index()
-        for _attempt in range(_READ_RETRIES):
-            vanished = False
-            entries = list(storage.scan(self._directory))
-            pending = storage.read_rollback_marker(self._directory)
-            if pending is not None:
-                # Files an unfinished rollback moves aside are gone already, for readers too.
-                entries = [e for e in entries if e.name not in pending[1]]
-            changed = len(entries) != len(index)
-            records: dict[int, _Record] = {}
-            orphans: list[str] = []
-            for entry in entries:
-                cached = index.get(entry.name)
-                if (
-                    isinstance(cached, dict)
-                    and cached.get("size") == entry.size
-                    and cached.get("mtime_ns") == entry.mtime_ns
-                    and isinstance(cached.get("meta"), dict)
-                    and type(cached["meta"].get("step")) is int
-                ):
-                    meta, corrupt = cached["meta"], cached.get("corrupt")
-                    recorded = _recorded_reasons(cached.get("reasons"))
-                else:
-                    changed = True
-                    recorded = ()
-                    try:
-                        meta, corrupt = self._read_entry_meta(entry), None
-                    except FileNotFoundError:
-                        vanished = True  # deleted since the listing
-                        continue
-                    except (CorruptCheckpointError, OSError) as exc:
-                        if entry.step is None:
-                            warnings.warn(f"ckptmgr: ignoring unreadable metadata {exc}", CheckpointWarning, stacklevel=4)
-                            continue
-                        meta = {"step": entry.step, "time": entry.mtime_ns / 1e9}
-                        corrupt = _reason(exc)
-                if entry.step is None:  # a payload's sidecar
-                    name = meta.get("name")
-                    if not isinstance(name, str) or storage.sidecar_name(name) != entry.name:
-                        # Swapped or copied over: not ours to delete, not trustworthy to use.
-                        warnings.warn(
-                            f"ckptmgr: ignoring {self._directory / entry.name}: it describes "
-                            f"{name!r}, whose metadata file would be {storage.sidecar_name(str(name))}",
-                            CheckpointWarning, stacklevel=4,
-                        )
-                        continue
-                    try:
-                        if not storage.is_regular_file(self._directory / name):
-                            continue
-                    except FileNotFoundError:
-                        orphans.append(entry.name)
-                        continue
-                    record = _Record(self._info(name, meta, entry.name, corrupt), meta, corrupt, entry.name, recorded)
-                else:
-                    record = _Record(self._info(entry.name, meta, None, corrupt), meta, corrupt, None, recorded)
-                previous = records.get(record.info.step)
-                if previous is None or previous.info.time <= record.info.time:
-                    records[record.info.step] = record
-            # Deleted while we read: the listing may miss what replaced it. Again.
-            if not vanished:
-                break
+        """(Re)build the records from the directory."""
+        records = self._dir.read_records()
         with self._mutex:
             self._catalog.reset(records)
             self._labels_current = False
-        if not self._read_only:
-            if orphans:
-                storage.remove_files(self._directory, orphans)
-            if changed:
-                self._write_index()
-
-    def _load_index(self) -> dict[str, Any]:
-        """The index, parsed again only when it was replaced (a reader refreshes often)."""
-        try:
-            st = os.stat(self._directory / storage.INDEX_NAME, follow_symlinks=False)
-        except OSError:
-            return {}
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._index_seen is None or self._index_seen[0] != key:
-            self._index_seen = (key, storage.load_index(self._directory))
-        return self._index_seen[1]
-
-    def _read_entry_meta(self, entry: storage.Entry) -> dict[str, Any]:
-        path = self._directory / entry.name
-        if entry.step is None:
-            return _meta_subset(codec.decode_sidecar(storage.read_small(path), str(path)))
-        manifest = codec.read_meta(path)
-        if manifest.get("step") != entry.step:
-            raise CorruptCheckpointError(f"{path}: holds step {manifest.get('step')!r}, its name says {entry.step}")
-        return _meta_subset(manifest)
-
-    def _write_index(self) -> None:
-        """Rewrite the index. It is a cache: failing to write it loses nothing."""
-        started = time.monotonic()
-        try:
-            entries = list(storage.scan(self._directory))
-        except CheckpointIOError:
-            return
-        with self._mutex:
-            by_file = {r.sidecar or r.info.path.name: r for r in self._records.values()}
-            data = {
-                e.name: {"size": e.size, "mtime_ns": e.mtime_ns, "meta": by_file[e.name].meta,
-                         "corrupt": by_file[e.name].corrupt,
-                         "reasons": [[r, r.kind, r.detail] for r in by_file[e.name].info.keep_reasons]}
-                for e in entries if e.name in by_file
-            }
-        storage.save_index(self._directory, data)
-        self._unindexed = 0
-        now = time.monotonic()
-        self._index_next = now + max(_INDEX_MIN_INTERVAL, 100 * (now - started))
 
     def _newest_tracker_state(self) -> Any:
         with self._mutex:
@@ -1086,7 +895,7 @@ class CheckpointManager:
             CheckpointNotFoundError, CorruptCheckpointError, CheckpointIOError.
         """
         record = self._resolve(which)
-        self._load(record, verify=True, tree=False)
+        self._exactly(record, self._dir.load(record, verify=True, tree=False))
         return record.info
 
     def describe(self, which: Which = "latest") -> CheckpointDescription:
@@ -1100,21 +909,7 @@ class CheckpointManager:
             CorruptCheckpointError: its metadata is damaged.
             CheckpointIOError: it could not be read.
         """
-        record = self._resolve(which)
-        path = record.info.metadata_path or record.info.path
-        try:
-            if record.sidecar is not None:
-                meta = codec.decode_sidecar(storage.read_small(path), str(path))
-                return CheckpointDescription(record.info, meta, None)
-            manifest = codec.read_meta(path)
-            leaves = tuple(codec.describe_leaves(manifest, str(path)))
-        except (CorruptCheckpointError, CheckpointNotFoundError):
-            raise
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
-        except OSError as exc:
-            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
-        return CheckpointDescription(record.info, {k: v for k, v in manifest.items() if k != "tree"}, leaves)
+        return self._dir.describe(self._resolve(which))
 
     def _resolve(self, which: Which) -> _Record:
         self._refresh_if_reader()
@@ -1141,88 +936,33 @@ class CheckpointManager:
                 return record
         raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
 
-    def _load(self, record: _Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None) -> Any:
-        """Read (and verify) one checkpoint: its tree, or a payload's path."""
-        path = record.info.path
-        if record.corrupt is not None:
-            raise CorruptCheckpointError(f"{path}: {record.corrupt}")
-        try:
-            if not storage.is_regular_file(path):
-                raise CorruptCheckpointError(f"{path}: not a regular file, refused")
-            if record.sidecar is not None:
-                if verify:
-                    size, crc = storage.file_checksum(path, codec.checksum)
-                    if (size, crc) != (record.meta.get("size"), record.meta.get("crc32")):
-                        self._check_replaced(record, size, crc)
-                        raise CorruptCheckpointError(
-                            f"{path}: checksum mismatch (file has {size} bytes, crc32 {crc:#010x}; "
-                            f"expected {record.meta.get('size')} bytes, crc32 {record.meta.get('crc32', 0):#010x})"
-                        )
-                if select is not None:
-                    raise ValueError(
-                        f"Expected a state-tree checkpoint for select=. Received: {path} is a file payload"
-                    )
-                return path
-            if not tree:
-                manifest = codec.verify_file(path)
-                value = None
-            else:
-                value, manifest = codec.read_file(path, verify=verify, select=select)
-        except (CorruptCheckpointError, CheckpointNotFoundError):
-            raise
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
-        except OSError as exc:
-            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
-        if manifest.get("step") != record.info.step:
-            raise CorruptCheckpointError(
-                f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}"
+    @staticmethod
+    def _exactly(record: _Record, loaded: Loaded) -> Any:
+        """The value of ``record`` itself: a payload replaced by a commit in progress is
+        that commit's step now, so the step asked for is not found."""
+        if loaded.record is not record:
+            raise CheckpointNotFoundError(
+                f"{record.info.path} no longer holds step {record.info.step}: it is step "
+                f"{loaded.record.info.step}, being committed"
             )
-        return value
-
-    def _check_replaced(self, record: _Record, size: int, crc: int) -> None:
-        """A payload failing its listed checksum may have been replaced under its name.
-
-        Raises:
-            _Replaced: a commit in progress describes the file as it is (the writer is
-                between its two renames, or died there): the file is that commit's
-                step, complete and verified by its durable record, not the listed one.
-            CheckpointNotFoundError: the sidecar now describes the file: a newer
-                checkpoint replaced the one listed (list again).
-        """
-        assert record.sidecar is not None
-        name = record.info.path.name
-        for pending in storage.pending_commits(self._directory, codec.decode_sidecar):
-            if (pending.get("name"), pending.get("size"), pending.get("crc32")) == (name, size, crc):
-                meta = _meta_subset(pending)
-                raise _Replaced(
-                    f"{record.info.path} no longer holds step {record.info.step}: it is step "
-                    f"{pending['step']}, being committed",
-                    _Record(self._info(name, meta, record.sidecar), meta, sidecar=record.sidecar),
-                )
-        try:
-            now = codec.decode_sidecar(storage.read_small(self._directory / record.sidecar))
-        except (OSError, CorruptCheckpointError):
-            return
-        if (now.get("name"), now.get("size"), now.get("crc32")) == (name, size, crc):
-            raise CheckpointNotFoundError(f"{record.info.path} was replaced while being read")
+        return loaded.value
 
     def _restore(self, which: Which, verify: bool, select: codec.Selection | None = None) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
-            for attempt in range(_READ_RETRIES):
+            for attempt in range(READ_RETRIES):
                 record = self._resolve(which)
                 try:
-                    value = self._load(record, verify=verify, select=select)
+                    value = self._exactly(record, self._dir.load(record, verify=verify, select=select))
                 except CheckpointNotFoundError:
                     # A reader racing the writer: "best" may have moved on; list again.
-                    if not (self._read_only and which == "best") or attempt == _READ_RETRIES - 1:
+                    if not (self._read_only and which == "best") or attempt == READ_RETRIES - 1:
                         raise
                     continue
                 self._after_restore(record)
                 return value, record.info
         failures: list[str] = []
         raced = False
-        for _attempt in range(_READ_RETRIES):
+        for _attempt in range(READ_RETRIES):
             self._refresh_if_reader()
             with self._mutex:
                 candidates = [self._records[s] for s in sorted(self._records, reverse=True)]
@@ -1233,11 +973,7 @@ class CheckpointManager:
             raced = False
             for record in candidates:
                 try:
-                    value = self._load(record, verify=verify, select=select)
-                except _Replaced as replaced:
-                    # The newest file is a commit in progress: serve it as its own step.
-                    self._after_restore(replaced.record)
-                    return record.info.path, replaced.record.info
+                    loaded = self._dir.load(record, verify=verify, select=select)
                 except CheckpointNotFoundError:
                     # Deleted under us (a reader racing the writer's retention, or a
                     # user's rm): list again, a newer checkpoint replaced it.
@@ -1255,8 +991,9 @@ class CheckpointManager:
                         stacklevel=3,
                     )
                     continue
-                self._after_restore(record)
-                return value, record.info
+                # A payload replaced by a commit in progress is served as that commit's step.
+                self._after_restore(loaded.record)
+                return loaded.value, loaded.record.info
             if not raced:
                 break
         if failures:
@@ -1276,54 +1013,10 @@ class CheckpointManager:
 # ------------------------------------------------------------------------- helpers
 
 
-class _Replaced(CheckpointNotFoundError):
-    """The listed payload checkpoint's file now belongs to a commit in progress."""
-
-    def __init__(self, message: str, record: _Record) -> None:
-        super().__init__(message)
-        self.record = record
-
-
 def _check_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
         raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
     return int(step)
-
-
-def is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory a CheckpointManager has written to.
-
-    True when it holds a checkpoint, or the writer's lock or index file (a run that
-    has not saved yet). Reads only names; takes no lock.
-
-    >>> import ckptmgr, tempfile
-    >>> directory = tempfile.mkdtemp()
-    >>> ckptmgr.is_checkpoint_directory(directory)
-    False
-    >>> ckptmgr.CheckpointManager(directory).close()
-    >>> ckptmgr.is_checkpoint_directory(directory)
-    True
-    """
-    directory = Path(path)
-    if not directory.is_dir():
-        return False
-    if any((directory / name).exists() for name in (storage.LOCK_NAME, storage.INDEX_NAME)):
-        return True
-    try:
-        return next(storage.scan(directory), None) is not None
-    except CheckpointIOError:
-        return False
-
-
-def _recorded_reasons(cached: object) -> tuple[KeepReason, ...]:
-    """The writer's keep reasons from an index entry (``[text, kind, detail]`` each)."""
-    if not isinstance(cached, list):
-        return ()
-    return tuple(
-        KeepReason(item[0], item[1], item[2]) for item in cached
-        if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item)
-        and item[1] in REASON_KINDS
-    )
 
 
 def _parse_select(select: str | Sequence[str] | None) -> codec.Selection | None:
@@ -1396,11 +1089,6 @@ def _snapshot(tree: Any) -> Any:
 
 def _flush_at_exit(executor: ThreadPoolExecutor) -> None:
     executor.shutdown(wait=True)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    return text.split(": ", 1)[1] if ": " in text and isinstance(exc, CorruptCheckpointError) else text
 
 
 def _steps_text(steps: list[int]) -> str:
