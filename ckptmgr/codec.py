@@ -282,7 +282,24 @@ def _framework_hint(vtype: type) -> str:
     return _FRAMEWORK_HINTS.get(vtype.__module__.partition(".")[0], "")
 
 
-def encode_tree(tree: Tree) -> tuple[dict[str, Any], list[_Leaf]]:
+@dataclass(frozen=True)
+class EncodedTree:
+    """A validated state tree: its JSON-able description and the arrays to store.
+
+    What :func:`write_file` writes. An asynchronous save encodes the tree once, in the
+    caller's thread, and copies only the arrays (:meth:`copied`) before handing it to
+    the background writer.
+    """
+
+    spec: dict[str, Any]
+    leaves: list[_Leaf]
+
+    def copied(self) -> EncodedTree:
+        """The same tree with private copies of its arrays (the caller may change its own)."""
+        return EncodedTree(self.spec, [_Leaf(leaf.node, leaf.array.copy()) for leaf in self.leaves])
+
+
+def encode_tree(tree: Tree) -> EncodedTree:
     """Describe ``tree`` as a JSON-able spec plus the arrays to store, validating it.
 
     Raises:
@@ -336,7 +353,7 @@ def encode_tree(tree: Tree) -> tuple[dict[str, Any], list[_Leaf]]:
         raise ValueError(
             "Expected a state tree without cycles. Received: a tree too deep to walk"
         ) from exc
-    return spec, leaves
+    return EncodedTree(spec, leaves)
 
 
 def _contiguous_bytes(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -351,13 +368,15 @@ def _c_order(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
-def write_file(path: str | os.PathLike[str], tree: Tree, meta: Mapping[str, Any]) -> int:
+def write_file(path: str | os.PathLike[str], tree: Tree | EncodedTree, meta: Mapping[str, Any]) -> int:
     """Write ``tree`` and ``meta`` to a new HDF5 file at ``path``; return the state's bytes.
 
-    The file is not fsynced here; the storage layer does that. ``meta`` must be
-    JSON-serialisable; it is stored in the manifest next to the tree description.
+    ``tree`` is a state tree or one already encoded (:func:`encode_tree`). The file is
+    not fsynced here; the storage layer does that. ``meta`` must be JSON-serialisable;
+    it is stored in the manifest next to the tree description.
     """
-    spec, leaves = encode_tree(tree)
+    encoded = tree if isinstance(tree, EncodedTree) else encode_tree(tree)
+    spec, leaves = encoded.spec, encoded.leaves
     total = 0
     sink = _WriteSink(path)
     writeback = storage.Writeback(sink.fileno())

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
 import traceback
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -21,6 +18,7 @@ from . import codec
 from ._directory import READ_RETRIES, CheckpointDirectory, Loaded
 from ._retention import Catalog, IncrementalKeep
 from ._retention import Record as _Record
+from ._writer import SaveWriter
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -180,11 +178,6 @@ class CheckpointManager:
         self._labelled: set[int] = set()  # latest, best and just saved, as last labelled
         self._unretained: set[int] = set()  # kept only because deleting failed or was deferred
         self._closed = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[CheckpointInfo] | None = None
-        # The step and the tracker's best before it, of the write in flight.
-        self._pending_step: int | None = None
-        self._pending_best: tuple[float | None, int | None] = (None, None)
         self._last_save_time = clock()
         self._restored: CheckpointInfo | None = None
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
@@ -195,11 +188,7 @@ class CheckpointManager:
         except BaseException:
             self._dir.release()
             raise
-        if async_save:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
-            # Flush pending writes at interpreter exit even if close() was never called.
-            self._finalizer = weakref.finalize(self, _flush_at_exit, self._executor)
-            atexit.register(self._finalizer)
+        self._writer = SaveWriter(self, self._directory, background=async_save)
         recorded = self._newest_tracker_state()
         if read_only:
             self._adopt_tracker(recorded)
@@ -350,8 +339,7 @@ class CheckpointManager:
         if not isinstance(force, bool):
             raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
         self._check_step_order(step)
-        if self._pending is not None and self._pending.done():
-            self._wait_pending()  # a failed background write surfaces here, without blocking
+        self._writer.poll()  # a failed background write surfaces here, without blocking
         value = None
         improved = False
         best_before = (self._tracker.best, self._tracker.best_step) if self._tracker else (None, None)
@@ -383,25 +371,16 @@ class CheckpointManager:
         }
         self._last_save_time = now
         if isinstance(state, FilePayload):
-            self._wait_pending()
+            self._writer.wait()
             tmp = self._dir.write_payload(state.name, state.write)
             commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
             path = self._directory / state.name
         else:
-            if self._executor is not None:
-                self._wait_pending()
-                state = _snapshot(state)
-            commit = lambda: self._commit_tree(step, state, meta)  # noqa: E731
+            tree = self._writer.prepare(state)
+            commit = lambda: self._commit_tree(step, tree, meta)  # noqa: E731
             path = self._dir.tree_path(step)
-        if self._executor is None:
-            try:
-                return commit()
-            except BaseException:
-                self._forget_best(step, best_before)
-                raise
-        self._pending = self._executor.submit(commit)
-        self._pending_step, self._pending_best = step, best_before
-        return CheckpointInfo(step, path, metrics, now, 0)
+        info = self._writer.run(step, commit, lambda: self._forget_best(step, best_before))
+        return info if info is not None else CheckpointInfo(step, path, metrics, now, 0)
 
     def _check_step_order(self, step: int) -> None:
         """Steps only move forward: a save below the latest would be hidden by it.
@@ -414,12 +393,13 @@ class CheckpointManager:
         """
         with self._mutex:
             steps = self._catalog.steps
-            if (not steps or steps[-1] <= step) and (self._pending_step is None or self._pending_step <= step):
+            pending = self._writer.pending_step
+            if (not steps or steps[-1] <= step) and (pending is None or pending <= step):
                 return
             newer = [s for s in steps if s > step and s not in self._skipped_corrupt
                      and self._records[s].corrupt is None]
-            if self._pending_step is not None and self._pending_step > step:
-                newer.append(self._pending_step)
+            if pending is not None and pending > step:
+                newer.append(pending)
             earlier = [s for s in steps if s <= step]
         if not newer:
             return
@@ -442,7 +422,8 @@ class CheckpointManager:
 
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
-            steps = [*self._catalog.steps[-1:], *([] if self._pending_step is None else [self._pending_step])]
+            pending = self._writer.pending_step
+            steps = [*self._catalog.steps[-1:], *([] if pending is None else [pending])]
             last_step = max(steps) if steps else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
@@ -474,21 +455,7 @@ class CheckpointManager:
         Raises:
             CheckpointError: the background write failed.
         """
-        self._wait_pending()
-
-    def _wait_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        exc = pending.exception()
-        step, self._pending_step = self._pending_step, None
-        if exc is None:
-            return
-        if step is not None:
-            self._forget_best(step, self._pending_best)
-        if isinstance(exc, CheckpointError):
-            raise exc
-        raise CheckpointError(f"Background save to {self._directory} failed: {exc!r}") from exc
+        self._writer.wait()
 
     def close(self) -> None:
         """Wait for pending writes, update the index, release the writer lock. Idempotent.
@@ -501,11 +468,9 @@ class CheckpointManager:
             return
         self._closed = True
         try:
-            self._wait_pending()
+            self._writer.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._finalizer.detach()
+            self._writer.shutdown()
             if not self._read_only:
                 with self._mutex:
                     self._dir.write_index(self._records)
@@ -533,15 +498,13 @@ class CheckpointManager:
                 write failed.
         """
         self._check_writable()
-        self._wait_pending()
+        self._writer.wait()
         with self._mutex:
             for step in sorted(self._records):
                 self._dir.delete_checkpoint(self._records[step])
                 self._catalog.remove(step)
         self._closed = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._finalizer.detach()
+        self._writer.shutdown()
         self._dir.remove_index_and_lock()
         self._dir.release()
 
@@ -602,7 +565,7 @@ class CheckpointManager:
         """
         self._check_writable()
         step = _check_step(step)
-        self._wait_pending()
+        self._writer.wait()
         with self._mutex:
             if step not in self._records:
                 raise CheckpointNotFoundError(
@@ -669,7 +632,7 @@ class CheckpointManager:
                 "Expected keep to be a retention policy such as ckptmgr.KeepLast(3). "
                 f"Received: keep={keep!r} (and the manager has no keep= of its own)"
             )
-        self._wait_pending()
+        self._writer.wait()
         if self._read_only:
             self._refresh()
         with self._mutex:
@@ -1066,29 +1029,6 @@ def _check_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
             ) from None
         out[key] = number
     return out
-
-
-def _snapshot(tree: Any) -> Any:
-    """A deep copy of a state tree's mutable leaves (arrays), validating it first."""
-    codec.encode_tree(tree)
-
-    def copy(value: Any) -> Any:
-        kind = type(value)
-        if kind is dict:
-            return {k: copy(v) for k, v in value.items()}
-        if kind is list:
-            return [copy(v) for v in value]
-        if kind is tuple:
-            return tuple(copy(v) for v in value)
-        if kind is np.ndarray:
-            return value.copy()
-        return value
-
-    return copy(tree)
-
-
-def _flush_at_exit(executor: ThreadPoolExecutor) -> None:
-    executor.shutdown(wait=True)
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -1,0 +1,102 @@
+"""The save pipeline: a commit runs now (sync) or on one background thread (async).
+
+Sync: ``save()`` encodes the tree, writes and commits it before returning.
+Async: ``save()`` encodes the tree once in the caller's thread (validating it, so a bad
+tree raises at the call), copies its arrays, and returns; the write and commit run on
+one background thread, one save at a time. The next ``save()``, ``wait()`` and
+``close()`` wait for the write in flight and raise its error; interpreter exit flushes it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import codec
+from .errors import CheckpointError
+from .info import CheckpointInfo
+
+
+class SaveWriter:
+    """Runs commits, in the foreground or on one background thread."""
+
+    def __init__(self, owner: object, directory: Path, *, background: bool) -> None:
+        self._directory = directory
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[CheckpointInfo] | None = None
+        self._on_failure: Callable[[], None] | None = None
+        self.pending_step: int | None = None
+        if background:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
+            # Flush pending writes at interpreter exit even if close() was never called.
+            self._finalizer = weakref.finalize(owner, _flush_at_exit, self._executor)
+            atexit.register(self._finalizer)
+
+    @property
+    def background(self) -> bool:
+        return self._executor is not None
+
+    def prepare(self, state: Any) -> Any:
+        """What the commit will write: for a background write, the tree encoded once
+        with private copies of its arrays (raising here if it is not a valid tree)."""
+        if self._executor is None:
+            return state
+        self.wait()
+        return codec.encode_tree(state).copied()
+
+    def run(
+        self, step: int, commit: Callable[[], CheckpointInfo], on_failure: Callable[[], None]
+    ) -> CheckpointInfo | None:
+        """Commit now and return its info, or start it in the background and return None.
+
+        ``on_failure`` runs when the commit fails (now, or when the failure surfaces).
+        """
+        if self._executor is None:
+            try:
+                return commit()
+            except BaseException:
+                on_failure()
+                raise
+        self.wait()
+        self._pending = self._executor.submit(commit)
+        self.pending_step, self._on_failure = step, on_failure
+        return None
+
+    def poll(self) -> None:
+        """Raise a failed background write's error now if it has finished; never block."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is committed.
+
+        Raises:
+            CheckpointError: it failed.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        exc = pending.exception()
+        self.pending_step = None
+        on_failure, self._on_failure = self._on_failure, None
+        if exc is None:
+            return
+        if on_failure is not None:
+            on_failure()
+        if isinstance(exc, CheckpointError):
+            raise exc
+        raise CheckpointError(f"Background save to {self._directory} failed: {exc!r}") from exc
+
+    def shutdown(self) -> None:
+        """Stop the background thread (after what is in flight)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._finalizer.detach()
+
+
+def _flush_at_exit(executor: ThreadPoolExecutor) -> None:
+    executor.shutdown(wait=True)
