@@ -22,7 +22,7 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo
+from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo, Which
 from .manager import CheckpointManager
 from .metrics import MetricTracker
 from .payload import FilePayload
@@ -67,6 +67,7 @@ __all__ = [
     "SaveContext",
     "SavePolicy",
     "StepOrderError",
+    "Which",
     "__version__",
     "follow",
     "is_checkpoint_directory",

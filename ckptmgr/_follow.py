@@ -28,12 +28,12 @@ from .manager import CheckpointManager
 
 __all__ = ["follow"]
 
-Which = Literal["best", "latest"]
+Followed = Literal["best", "latest"]
 
 
 def follow(
     directory: str | os.PathLike[str],
-    which: Which = "best",
+    which: Followed = "best",
     interval: float = 1.0,
     timeout: float | None = None,
 ) -> Generator[CheckpointInfo, None, None]:
@@ -92,7 +92,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _follow(directory: Path, which: Which, interval: float, timeout: float | None) -> Generator[CheckpointInfo, None, None]:
+def _follow(directory: Path, which: Followed, interval: float, timeout: float | None) -> Generator[CheckpointInfo, None, None]:
     last: tuple[int, float] | None = None
     deadline = None if timeout is None else monotonic() + timeout
     while True:
@@ -112,7 +112,7 @@ def _follow(directory: Path, which: Which, interval: float, timeout: float | Non
         sleep(min(interval, remaining))
 
 
-def _current(directory: Path, which: Which) -> CheckpointInfo | None:
+def _current(directory: Path, which: Followed) -> CheckpointInfo | None:
     """The best/latest committed checkpoint now, or None (none yet, or no directory yet)."""
     try:
         reader = CheckpointManager(directory, read_only=True)

@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .info import CheckpointInfo, KeepReason
+from .metrics import Direction
 from .policies import (
-    AnyRetention,
     KeepBest,
     KeepEvery,
     KeepLast,
     RetentionContext,
     RetentionPolicy,
+    policy_leaves,
     rank_key,
     seconds_text,
 )
-
-Direction = Literal["min", "max"]
 
 
 @dataclass
@@ -158,7 +156,7 @@ class IncrementalKeep:
     def build(cls, policy: RetentionPolicy | None, monitor: str | None, mode: Direction) -> IncrementalKeep | None:
         """The evaluator of ``policy``, or None if it holds a policy not known here."""
         leaves: list[KeepLast | KeepBest | KeepEvery | None] = []
-        for leaf in _flatten(policy):
+        for leaf in policy_leaves(policy):
             if leaf is not None and type(leaf) not in (KeepLast, KeepBest, KeepEvery):
                 return None
             leaves.append(leaf)  # type: ignore[arg-type]
@@ -238,11 +236,3 @@ class IncrementalKeep:
                         if i < size:
                             out.add(order[i][1])
         return out
-
-
-def _flatten(policy: RetentionPolicy | None) -> Iterator[RetentionPolicy | None]:
-    if type(policy) is AnyRetention:
-        for p in policy.policies:
-            yield from _flatten(p)
-    else:
-        yield policy

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+# Which checkpoint a call means: a step, the newest ("latest") or the best by the monitor.
+Which = int | Literal["latest", "best"]
+
 ReasonKind = Literal[
     "latest",       # the newest checkpoint (never deleted)
     "best",         # the monitored metric's best (never deleted); detail: the metric

@@ -7,7 +7,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -27,33 +27,23 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointDescription, CheckpointInfo, KeepReason
-from .metrics import MetricTracker, Mode
+from .info import CheckpointDescription, CheckpointInfo, KeepReason, Which
+from .metrics import Direction, MetricTracker, Mode
 from .payload import FilePayload
 from .policies import (
     AllOf,
-    AnyOf,
-    AnyRetention,
     KeepBest,
     OnImprovement,
     RetentionContext,
     RetentionPolicy,
     SaveContext,
     SavePolicy,
+    policy_leaves,
 )
 
 T = TypeVar("T")
-Which = int | Literal["latest", "best"]
 
 _MAX_STEP = 2**63 - 1
-
-
-def _policy_leaves(policy: object) -> Iterator[object]:
-    if isinstance(policy, (AnyOf, AllOf, AnyRetention)):
-        for p in policy.policies:
-            yield from _policy_leaves(p)
-    else:
-        yield policy
 
 
 
@@ -155,7 +145,7 @@ class CheckpointManager:
         if monitor is None:
             if best_only:
                 raise ValueError("Expected a monitor= metric with best_only=True. Received: monitor=None")
-            needs_monitor = [p for p in (*_policy_leaves(save_every), *_policy_leaves(keep))
+            needs_monitor = [p for p in (*policy_leaves(save_every), *policy_leaves(keep))
                              if isinstance(p, OnImprovement) or (isinstance(p, KeepBest) and p.monitor is None)]
             if needs_monitor:
                 raise ValueError(
@@ -669,7 +659,7 @@ class CheckpointManager:
             return []
         tracker = self._tracker
         monitor = tracker.monitor if tracker else None
-        mode: Literal["min", "max"] = tracker.mode if tracker else "min"
+        mode: Direction = tracker.mode if tracker else "min"
         steps = self._catalog.steps
         latest = steps[-1]
         best = self._best_locked()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from .errors import CheckpointWarning
 
 Mode = Literal["auto", "min", "max"]
+Direction = Literal["min", "max"]  # a resolved mode
 
 _MIN_HINTS = ("loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "perplexity", "ppl",
               "cer", "wer", "nll", "entropy", "distance", "divergence", "kl", "fid", "bpd")
@@ -17,7 +18,7 @@ _MAX_HINTS = ("acc", "auc", "precision", "recall", "f1", "fbeta", "iou", "dice",
               "correlation", "kappa", "hit", "mrr", "meteor", "spearman", "pearson", "coverage")
 
 
-def infer_mode(monitor: str) -> Literal["min", "max"]:
+def infer_mode(monitor: str) -> Direction:
     """Infer whether smaller or larger is better from a metric name.
 
     Names are compared lower-cased, with a ``val_``/``train_``/``test_`` prefix removed.
@@ -52,7 +53,7 @@ def infer_mode(monitor: str) -> Literal["min", "max"]:
     )
 
 
-def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
+def resolve_mode(monitor: str, mode: str) -> Direction:
     """``mode`` itself when it is "min"/"max"; inferred from ``monitor`` when "auto".
 
     Raises:
@@ -109,7 +110,7 @@ class MetricTracker:
         if baseline is not None and not is_finite_number(baseline):
             raise ValueError(f"Expected baseline to be a finite number or None. Received: baseline={baseline!r}")
         self.monitor = monitor
-        self.mode: Literal["min", "max"] = resolve_mode(monitor, mode)
+        self.mode: Direction = resolve_mode(monitor, mode)
         self.min_delta = float(min_delta)
         self.baseline = None if baseline is None else float(baseline)
         self.best: float | None = None

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from .info import CheckpointInfo, KeepReason
-from .metrics import Mode, is_finite_number, resolve_mode
+from .metrics import Direction, Mode, is_finite_number, resolve_mode
 
 __all__ = [
     "AllOf",
@@ -90,6 +90,16 @@ def _check_save_policy(other: object, op: str) -> None:
 
 def _flatten(policy: Any, kind: type) -> tuple[Any, ...]:
     return tuple(getattr(policy, "policies", ())) if isinstance(policy, kind) else (policy,)
+
+
+def policy_leaves(policy: object) -> Iterator[object]:
+    """The policies a composition (``a | b``, ``a & b``) is made of, depth first; any
+    other policy (a subclass of a composition included) is its own leaf."""
+    if type(policy) in (AnyOf, AllOf, AnyRetention):
+        for p in policy.policies:  # type: ignore[attr-defined]
+            yield from policy_leaves(p)
+    else:
+        yield policy
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -215,7 +225,7 @@ class RetentionContext:
 
     now: float = 0.0
     monitor: str | None = None
-    mode: Literal["min", "max"] = "min"
+    mode: Direction = "min"
 
 
 @runtime_checkable
@@ -238,7 +248,7 @@ class _KeepOps:
         return AnyRetention((*_flatten(self, AnyRetention), *_flatten(other, AnyRetention)))
 
 
-def rank_key(info: CheckpointInfo, monitor: str, mode: Literal["min", "max"]) -> tuple[float, int] | None:
+def rank_key(info: CheckpointInfo, monitor: str, mode: Direction) -> tuple[float, int] | None:
     """Where a checkpoint sorts by ``monitor``, best first (ties: the earlier step); None
     when it reports no finite value."""
     value = info.metrics.get(monitor)
@@ -248,7 +258,7 @@ def rank_key(info: CheckpointInfo, monitor: str, mode: Literal["min", "max"]) ->
 
 
 def best_order(
-    checkpoints: Sequence[CheckpointInfo], monitor: str, mode: Literal["min", "max"]
+    checkpoints: Sequence[CheckpointInfo], monitor: str, mode: Direction
 ) -> list[CheckpointInfo]:
     """Checkpoints that report a finite ``monitor``, best first (ties: the earlier step)."""
     keyed = [(key, c) for c in checkpoints if (key := rank_key(c, monitor, mode)) is not None]
@@ -313,7 +323,7 @@ class KeepBest(_KeepOps):
         elif self.mode not in ("auto", "min", "max"):
             raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={self.mode!r}")
 
-    def metric(self, context: RetentionContext) -> tuple[str, Literal["min", "max"]] | None:
+    def metric(self, context: RetentionContext) -> tuple[str, Direction] | None:
         """The metric and direction ranked by: its own ``monitor``, else the manager's."""
         if self.monitor is not None:
             return self.monitor, resolve_mode(self.monitor, self.mode)

@@ -37,6 +37,7 @@ EXPECTED_ALL = [
     "SaveContext",
     "SavePolicy",
     "StepOrderError",
+    "Which",
     "__version__",
     "follow",
     "is_checkpoint_directory",

@@ -36,14 +36,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from ckptmgr import CheckpointError, CheckpointNotFoundError, CheckpointWarning, __version__
+from ckptmgr import CheckpointError, CheckpointNotFoundError, CheckpointWarning, Which, __version__
 
 from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     CliError,
-    Which,
     _ArgumentParser,
     _one_line,
     _UsageError,

@@ -12,17 +12,16 @@ import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
-from ckptmgr import CheckpointInfo, CheckpointManager, MetricTracker, is_checkpoint_directory
+from ckptmgr import CheckpointInfo, CheckpointManager, MetricTracker, Which, is_checkpoint_directory
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-Which = int | Literal["latest", "best"]
 KeyPath = tuple[str | int, ...]
 
 
