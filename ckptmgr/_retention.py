@@ -13,7 +13,6 @@ know (user-defined ones) always go through ``keep()``.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,6 @@ from .policies import (
     RetentionPolicy,
     policy_leaves,
     rank_key,
-    seconds_text,
 )
 
 
@@ -75,6 +73,9 @@ class Catalog:
         self._rankings.clear()
         self._by_time = None
         self.changes.clear()
+
+    def info(self, step: int) -> CheckpointInfo:
+        return self.records[step].info
 
     def step_of_file(self, name: str) -> int | None:
         """The step of the checkpoint whose file (or payload) is called ``name``."""
@@ -178,31 +179,7 @@ class IncrementalKeep:
     ) -> KeepReason | None:
         if leaf is None:
             return KeepReason.keep_all()
-        steps = catalog.steps
-        if isinstance(leaf, KeepLast):
-            return KeepReason.last(leaf.n) if len(steps) - bisect.bisect_left(steps, step) <= leaf.n else None
-        if isinstance(leaf, KeepBest):
-            best = leaf.metric(self._context)
-            if best is None:
-                return None
-            monitor, mode = best
-            key = rank_key(catalog.records[step].info, monitor, mode)
-            if key is None:
-                return None
-            rank = bisect.bisect_left(catalog.ranking(monitor, mode), key)
-            return KeepReason.ranked(monitor, rank + 1) if rank < leaf.n else None
-        if leaf.steps is not None:
-            i = bisect.bisect_left(steps, step)
-            first = i == 0 or steps[i - 1] // leaf.steps != step // leaf.steps
-            return KeepReason.every(f"{leaf.steps} steps") if first else None
-        interval = float(leaf.seconds)  # type: ignore[arg-type]
-        order = catalog.by_time()
-        key = _time_key(catalog.records[step].info)
-        i = bisect.bisect_left(order, key)
-        first = i == 0 or math.floor(order[i - 1][0] / interval) != math.floor(key[0] / interval)
-        if not first:
-            return None
-        return KeepReason.every(seconds_text(interval))
+        return leaf.reason(catalog, step, self._context)  # the policy's own rule
 
     def affected(self, catalog: Catalog) -> set[int]:
         changes = catalog.changes

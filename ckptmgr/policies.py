@@ -17,9 +17,10 @@ current best are never deleted.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .info import CheckpointInfo, KeepReason
@@ -39,7 +40,6 @@ __all__ = [
     "RetentionPolicy",
     "SaveContext",
     "SavePolicy",
-    "best_order",
 ]
 
 
@@ -257,16 +257,67 @@ def rank_key(info: CheckpointInfo, monitor: str, mode: Direction) -> tuple[float
     return (value if mode == "min" else -value, info.step)
 
 
-def best_order(
-    checkpoints: Sequence[CheckpointInfo], monitor: str, mode: Direction
-) -> list[CheckpointInfo]:
-    """Checkpoints that report a finite ``monitor``, best first (ties: the earlier step)."""
-    keyed = [(key, c) for c in checkpoints if (key := rank_key(c, monitor, mode)) is not None]
-    return [c for _, c in sorted(keyed, key=lambda pair: pair[0])]
+class CheckpointView(Protocol):
+    """Sorted views of a set of checkpoints, what the built-in retention rules look at.
+
+    The manager keeps one up to date as checkpoints come and go (so that a save only
+    relabels what can have changed); :meth:`keep` of a built-in policy builds one from
+    the list it is given. Either way the same rule (``reason``) decides.
+    """
+
+    steps: list[int]  # ascending
+
+    def info(self, step: int) -> CheckpointInfo: ...
+
+    def ranking(self, monitor: str, mode: Direction) -> list[tuple[float, int]]:
+        """``rank_key`` of every checkpoint with a finite ``monitor``, best first."""
+        ...
+
+    def by_time(self) -> list[tuple[float, int]]:
+        """``(time, step)`` of every checkpoint, ascending."""
+        ...
+
+
+class ListView:
+    """A :class:`CheckpointView` of a list of checkpoints (sorted once, on demand)."""
+
+    def __init__(self, checkpoints: Sequence[CheckpointInfo]) -> None:
+        self._infos = {c.step: c for c in checkpoints}
+        self.steps = sorted(self._infos)
+        self._rankings: dict[tuple[str, Direction], list[tuple[float, int]]] = {}
+        self._by_time: list[tuple[float, int]] | None = None
+
+    def info(self, step: int) -> CheckpointInfo:
+        return self._infos[step]
+
+    def ranking(self, monitor: str, mode: Direction) -> list[tuple[float, int]]:
+        if (monitor, mode) not in self._rankings:
+            self._rankings[(monitor, mode)] = sorted(
+                key for c in self._infos.values() if (key := rank_key(c, monitor, mode)) is not None
+            )
+        return self._rankings[(monitor, mode)]
+
+    def by_time(self) -> list[tuple[float, int]]:
+        if self._by_time is None:
+            self._by_time = sorted((c.time, c.step) for c in self._infos.values())
+        return self._by_time
+
+
+class _RuleKeep(_KeepOps):
+    """A retention policy decided one checkpoint at a time by :meth:`reason`."""
+
+    def reason(self, view: CheckpointView, step: int, context: RetentionContext) -> KeepReason | None:
+        raise NotImplementedError
+
+    def keep(
+        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
+    ) -> Mapping[int, list[str]]:
+        view = ListView(checkpoints)
+        return {s: [reason] for s in view.steps if (reason := self.reason(view, s, context)) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
-class KeepLast(_KeepOps):
+class KeepLast(_RuleKeep):
     """Keep the ``n`` newest checkpoints.
 
     >>> infos = [CheckpointInfo(s, f"ckpt-{s}") for s in (1, 2, 3, 4)]
@@ -282,14 +333,13 @@ class KeepLast(_KeepOps):
     def __post_init__(self) -> None:
         _positive_int("n", self.n)
 
-    def keep(
-        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
-    ) -> Mapping[int, list[str]]:
-        return {c.step: [KeepReason.last(self.n)] for c in checkpoints[-self.n:]}
+    def reason(self, view: CheckpointView, step: int, context: RetentionContext) -> KeepReason | None:
+        steps = view.steps
+        return KeepReason.last(self.n) if len(steps) - bisect.bisect_left(steps, step) <= self.n else None
 
 
 @dataclasses.dataclass(frozen=True)
-class KeepBest(_KeepOps):
+class KeepBest(_RuleKeep):
     """Keep the ``n`` best checkpoints by a metric.
 
     By default the metric and direction are the manager's ``monitor`` and ``mode``;
@@ -331,19 +381,20 @@ class KeepBest(_KeepOps):
             return None
         return context.monitor, context.mode if self.mode == "auto" else self.mode
 
-    def keep(
-        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
-    ) -> Mapping[int, list[str]]:
+    def reason(self, view: CheckpointView, step: int, context: RetentionContext) -> KeepReason | None:
         metric = self.metric(context)
         if metric is None:
-            return {}
+            return None
         monitor, mode = metric
-        ranked = best_order(checkpoints, monitor, mode)[: self.n]
-        return {c.step: [KeepReason.ranked(monitor, i)] for i, c in enumerate(ranked, 1)}
+        key = rank_key(view.info(step), monitor, mode)
+        if key is None:
+            return None
+        rank = bisect.bisect_left(view.ranking(monitor, mode), key)
+        return KeepReason.ranked(monitor, rank + 1) if rank < self.n else None
 
 
 @dataclasses.dataclass(frozen=True)
-class KeepEvery(_KeepOps):
+class KeepEvery(_RuleKeep):
     """Keep one checkpoint per interval of steps, or of time, for the long view.
 
     For each interval ``[k*n, (k+1)*n)`` the first checkpoint in it is kept; when steps
@@ -373,26 +424,18 @@ class KeepEvery(_KeepOps):
         else:
             object.__setattr__(self, "seconds", _positive_seconds("seconds", self.seconds))
 
-    def keep(
-        self, checkpoints: Sequence[CheckpointInfo], context: RetentionContext
-    ) -> Mapping[int, list[str]]:
+    def reason(self, view: CheckpointView, step: int, context: RetentionContext) -> KeepReason | None:
         if self.steps is not None:
-            interval: float = self.steps
-            reason = KeepReason.every(f"{self.steps} steps")
-            bucket_of: Callable[[CheckpointInfo], int] = lambda c: c.step // self.steps  # type: ignore[operator]  # noqa: E731
-        else:
-            interval = float(self.seconds)  # type: ignore[arg-type]
-            reason = KeepReason.every(seconds_text(interval))
-            bucket_of = lambda c: math.floor(c.time / interval)  # noqa: E731
-        kept: dict[int, list[str]] = {}
-        seen: set[int] = set()
-        order = checkpoints if self.steps is not None else sorted(checkpoints, key=lambda c: (c.time, c.step))
-        for c in order:
-            bucket = bucket_of(c)
-            if bucket not in seen:
-                seen.add(bucket)
-                kept[c.step] = [reason]
-        return kept
+            steps = view.steps
+            i = bisect.bisect_left(steps, step)
+            first = i == 0 or steps[i - 1] // self.steps != step // self.steps
+            return KeepReason.every(f"{self.steps} steps") if first else None
+        interval = float(self.seconds)  # type: ignore[arg-type]
+        order = view.by_time()
+        key = (view.info(step).time, step)
+        i = bisect.bisect_left(order, key)
+        first = i == 0 or math.floor(order[i - 1][0] / interval) != math.floor(key[0] / interval)
+        return KeepReason.every(seconds_text(interval)) if first else None
 
 
 def seconds_text(seconds: float) -> str:
