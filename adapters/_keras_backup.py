@@ -11,8 +11,8 @@ from typing import Any
 
 import ckptmgr
 
-from ._keras_base import CkptCallback, keras_worded
-from .loop import capture_rng, restore_rng
+from ._keras_base import BatchCounter, CkptCallback, check_flags, keras_worded, next_step
+from .rng import capture_rng, restore_rng
 from .tf import load_tree, to_tree
 
 _FORMAT = "ckptmgr.adapters.keras.BackupAndRestore"
@@ -111,10 +111,7 @@ class BackupAndRestore(CkptCallback):
                     f"Expected save_freq to be 'epoch', an int >= 1, or False. Received: save_freq={save_freq!r}",
                 )
             )
-        for name, flag in (("double_checkpoint", double_checkpoint), ("delete_checkpoint", delete_checkpoint),
-                           ("async_save", async_save)):
-            if not isinstance(flag, (bool, int)):
-                raise ValueError(f"Expected {name} to be a bool. Received: {name}={flag!r}")
+        check_flags(double_checkpoint=double_checkpoint, delete_checkpoint=delete_checkpoint, async_save=async_save)
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq
         self.double_checkpoint = bool(double_checkpoint)
@@ -123,9 +120,7 @@ class BackupAndRestore(CkptCallback):
         self._manager: ckptmgr.CheckpointManager | None = None
         self._pending: dict[str, Any] | None = None  # the backup to set once the replayed batches are done
         self._resumed_at: tuple[int, int] | None = None
-        self._batches_seen_since_last_saving = 0
-        self._last_batch_seen: int | None = None
-        self._global_batch = 0
+        self._batches = BatchCounter()  # .total: the batches done in all, the step of a backup
         self._last_step = -1
 
     def __repr__(self) -> str:
@@ -170,11 +165,7 @@ class BackupAndRestore(CkptCallback):
             return
         epoch, batch = int(tree["epoch"]), int(tree["batch"])
         self._restore_training_state(tree, metrics=False)
-        counters = tree["counters"]
-        self._batches_seen_since_last_saving = int(counters["batches_seen_since_last_saving"])
-        last = counters["last_batch_seen"]
-        self._last_batch_seen = None if last is None else int(last)
-        self._global_batch = int(counters["global_batch"])
+        self._batches.load_state(tree["counters"])
         params = self.params if isinstance(self.params, dict) else {}
         # Stopped (EarlyStopping) before the kill: run no further epoch, only on_train_end.
         self.model._initial_epoch = int(params.get("epochs", epoch)) if tree["stopped"] else epoch
@@ -235,17 +226,8 @@ class BackupAndRestore(CkptCallback):
         super().on_train_batch_end(batch, logs)
 
     def _handle_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
-        if self._last_batch_seen is None or batch <= self._last_batch_seen:
-            added = batch + 1
-        else:
-            added = batch - self._last_batch_seen
-        self._last_batch_seen = batch
-        self._global_batch += added
-        if isinstance(self.save_freq, str) or self.save_freq is False:
-            return
-        self._batches_seen_since_last_saving += added
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
+        every = None if isinstance(self.save_freq, str) or self.save_freq is False else self.save_freq
+        if self._batches.count(batch, every=every):
             # The other ckptmgr callbacks handle this batch first, so the backup holds
             # their state after it, whatever their order in the callbacks list.
             for other in self._others():
@@ -287,10 +269,8 @@ class BackupAndRestore(CkptCallback):
         return [c for c in self.context.members(self.fit_params) if c is not self]
 
     def _next_step(self, manager: ckptmgr.CheckpointManager) -> int:
-        latest = manager.latest
-        step = max(self._global_batch, self._last_step + 1, latest.step + 1 if latest is not None else 0)
-        self._last_step = step
-        return step
+        self._last_step = next_step(manager, self._batches.total, self._last_step)
+        return self._last_step
 
     def _backup(self, epoch: int, batch: int) -> None:
         manager = self._manager
@@ -311,11 +291,7 @@ class BackupAndRestore(CkptCallback):
             "optimizer": to_tree(optimizer) if optimizer is not None else [],
             "metrics": to_tree(list(model.metrics_variables)),
             "rng": capture_rng(),
-            "counters": {
-                "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
-                "last_batch_seen": self._last_batch_seen,
-                "global_batch": self._global_batch,
-            },
+            "counters": self._batches.state(total=True),
             "callbacks": {self.context.key(c): c.callback_state() for c in self._others()},
         }
         manager.save(self._next_step(manager), tree, force=True)

@@ -5,16 +5,21 @@
   ``ModelCheckpoint`` with the model's, and so that all of them skip the batches a
   resumed epoch replays.
 - :class:`CkptCallback`: the base of the three callbacks (state hooks, once-per-event
-  processing).
-- The monitored metric, Keras' way: its direction (:func:`resolve_direction`), the one
-  comparator per direction (:data:`MONITOR_OPS`, exposed as ``monitor_op``) and the
-  improvement test that uses it (:func:`improved`).
-- :func:`keras_worded`: error messages that start with Keras' own wording.
+  processing); :class:`MonitorCallback`, on it, the base of the two that monitor a
+  metric (``ModelCheckpoint``, ``EarlyStopping``): ``monitor``/``mode`` checked once,
+  the direction decided Keras' way (:func:`resolve_direction`) and exposed as Keras'
+  ``monitor_op`` (:data:`MONITOR_OPS`), and the :class:`ckptmgr.MetricTracker` that
+  decides every improvement. No callback compares metric values itself.
+- :class:`BatchCounter`: batches counted across epochs for ``save_freq=N``, as Keras
+  counts them (``ModelCheckpoint`` and ``BackupAndRestore`` each hold one).
+- :func:`keras_worded`, :func:`check_flags`: argument errors, starting with Keras'
+  own wording where Keras raises too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -23,7 +28,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from ckptmgr.metrics import infer_mode
+import ckptmgr
 
 Direction = Literal["min", "max"]
 
@@ -243,15 +248,97 @@ class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
         pass
 
 
+# ----------------------------------------------------------------- shared helpers
+
+
+def check_flags(**flags: object) -> None:
+    """Keras' bool arguments: a bool, or an int as Keras code sometimes passes; nothing else.
+
+    >>> check_flags(save_best_only=True, async_save=0)
+    >>> check_flags(save_best_only="yes")
+    Traceback (most recent call last):
+    ValueError: Expected save_best_only to be a bool. Received: save_best_only='yes'
+    """
+    for name, flag in flags.items():
+        if not isinstance(flag, (bool, int)):
+            raise ValueError(f"Expected {name} to be a bool. Received: {name}={flag!r}")
+
+
+class BatchCounter:
+    """Batches counted across epochs, as Keras' callbacks count them for ``save_freq=N``.
+
+    Keras reports the index of a batch within its epoch; an index that does not grow
+    means that a new epoch began. ``ModelCheckpoint`` and ``BackupAndRestore`` each
+    hold one, and a backup holds its :meth:`state`, so that a resumed run saves at the
+    same batches.
+
+    >>> counter = BatchCounter()
+    >>> [counter.count(batch, every=3) for batch in (0, 1, 2, 3, 0, 1)]  # 4 batches, then a new epoch
+    [False, False, True, False, False, True]
+    >>> counter.total, counter.state()
+    (6, {'batches_seen_since_last_saving': 0, 'last_batch_seen': 1})
+    """
+
+    def __init__(self) -> None:
+        self.since_last_save = 0
+        self.last_batch_seen: int | None = None
+        self.total = 0
+
+    def count(self, batch: int, every: int | None) -> bool:
+        """Count batch ``batch`` of the current epoch; True when ``every`` batches have passed
+        since the last True (then counting starts over). ``every=None``: count, never True."""
+        if self.last_batch_seen is None or batch <= self.last_batch_seen:
+            added = batch + 1
+        else:
+            added = batch - self.last_batch_seen
+        self.last_batch_seen = batch
+        self.total += added
+        if every is None:
+            return False
+        self.since_last_save += added
+        if self.since_last_save < every:
+            return False
+        self.since_last_save = 0
+        return True
+
+    def state(self, *, total: bool = False) -> dict[str, Any]:
+        """The counts, as a backup holds them (with ``total``: also the batches counted in all)."""
+        state: dict[str, Any] = {
+            "batches_seen_since_last_saving": self.since_last_save,
+            "last_batch_seen": self.last_batch_seen,
+        }
+        if total:
+            state["global_batch"] = self.total
+        return state
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Take over the counts of :meth:`state` (``total`` only where it holds it)."""
+        self.since_last_save = int(state["batches_seen_since_last_saving"])
+        last = state["last_batch_seen"]
+        self.last_batch_seen = None if last is None else int(last)
+        if "global_batch" in state:
+            self.total = int(state["global_batch"])
+
+
+def next_step(manager: ckptmgr.CheckpointManager, wanted: int, last_step: int) -> int:
+    """The step to save at: ``wanted``, or above the last step saved (by us or in ``manager``).
+
+    Steps only grow, even when a new run in the same directory starts from 0: a step
+    that existed would replace (and delete) that step's file.
+    """
+    latest = manager.latest
+    return max(wanted, last_step + 1, latest.step + 1 if latest is not None else 0)
+
+
 # ------------------------------------------------------- monitored metric, Keras' way
 
 
-def check_mode(owner: str, mode: str) -> str:
+def check_mode(owner: str, mode: str, stacklevel: int = 3) -> str:
     """Keras' rule: an unknown mode warns and falls back to "auto"."""
     if mode not in ("auto", "min", "max"):
         import warnings
 
-        warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
+        warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=stacklevel)
         return "auto"
     return mode
 
@@ -259,8 +346,8 @@ def check_mode(owner: str, mode: str) -> str:
 MonitorOp = Callable[[Any, Any], Any]
 
 #: The comparator of each direction, as Keras' ``MonitorCallback.monitor_op`` holds it.
-#: :func:`improved` decides with these and nothing else, so the ``monitor_op`` a
-#: callback exposes is the comparator that decides its improvements.
+#: Exposed as ``monitor_op`` for code that reads it; no decision is made with it (a
+#: :class:`ckptmgr.MetricTracker` of the same direction decides improvements).
 MONITOR_OPS: dict[Direction, MonitorOp] = {"min": keras.ops.less, "max": keras.ops.greater}
 
 
@@ -273,8 +360,8 @@ def direction_of_op(owner: str, op: Any) -> Direction | None:
     """The direction a ``monitor_op`` set by the user stands for (None: decide it again, as Keras does).
 
     Keras' ``keras.ops.less``/``greater`` and NumPy's ``np.less``/``np.greater`` (Keras 2's)
-    are understood; any other comparator is refused, because ckptmgr's callbacks (and
-    the engine's :class:`ckptmgr.MetricTracker`) decide improvements by a direction.
+    are understood; any other comparator is refused, because improvements are decided
+    by a :class:`ckptmgr.MetricTracker`, which knows only a direction.
     """
     if op is None:
         return None
@@ -292,7 +379,8 @@ def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
     """"min"/"max" for ``monitor`` as Keras decides it, or None when it cannot tell.
 
     ``mode="auto"``: ``loss``/``val_loss`` are minimised; a compiled metric of that name
-    declares its own direction; otherwise ckptmgr infers it from the name
+    declares its own direction; otherwise ckptmgr infers it from the name, as
+    ``ckptmgr.MetricTracker(monitor, mode="auto")`` does
     (:func:`ckptmgr.metrics.infer_mode`), where Keras would give up.
     """
     if mode in ("min", "max"):
@@ -304,7 +392,7 @@ def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
             direction = "max" if metric._direction == "up" else "min"
     if direction is None:
         try:
-            direction = infer_mode(monitor)
+            direction = ckptmgr.MetricTracker(monitor, mode="auto").mode
         except ValueError:
             return None
     return direction
@@ -331,20 +419,6 @@ def _compiled_metrics(model: Any) -> list[Any]:
     return found
 
 
-def improved(direction: Direction, current: Any, reference: Any, min_delta: float) -> bool:
-    """Keras' improvement test: ``current`` beats ``reference`` by more than ``min_delta``.
-
-    ``MONITOR_OPS[direction](current -/+ min_delta, reference)``, Keras'
-    ``monitor_op(current - min_delta, reference)`` with its sign convention: the same
-    ``keras.ops`` comparator, in the default float type, so that near-ties are decided
-    exactly as ``keras.callbacks`` decide them.
-    """
-    if reference is None:
-        return True
-    shifted = current + abs(min_delta) if direction == "min" else current - abs(min_delta)
-    return bool(keras.ops.convert_to_numpy(MONITOR_OPS[direction](shifted, reference)))
-
-
 def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, float]:
     """The entries of ``logs`` that are finite-or-not real scalars, as floats."""
     out: dict[str, float] = {}
@@ -359,3 +433,106 @@ def scalar_metrics(logs: Mapping[str, Any]) -> dict[str, float]:
         if array.shape == () and array.dtype.kind in "fiu":
             out[key] = float(array)
     return out
+
+
+def monitored_value(monitor: str, value: Any) -> float:
+    """The value of ``monitor`` in ``logs`` as the float a :class:`ckptmgr.MetricTracker` takes.
+
+    Keras compares what ``logs`` holds with ``keras.ops``, so a one-element array (an
+    ``F1Score`` of one class, shape ``(1,)``) counts as its element; so it does here.
+
+    Raises:
+        ValueError: ``value`` is not one number (Keras cannot compare it either).
+    """
+    try:
+        # .numpy(): framework tensors and variables (np.asarray of a TF variable warns).
+        array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+        if array.size == 1 and array.dtype.kind in "biuf":
+            return float(array.reshape(()))
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(
+        f"Expected {monitor} in logs to be one number, to compare it with the best so far. Received: "
+        f"{monitor}={value!r}"
+    )
+
+
+class MonitorCallback(CkptCallback):
+    """Base of the callbacks that monitor a metric: ``ModelCheckpoint`` and ``EarlyStopping``.
+
+    Holds ``monitor`` (a non-empty str), ``mode`` (Keras' rule: an unknown one warns and
+    becomes ``"auto"``), ``min_delta`` (kept positive; Keras negates it in ``"min"``
+    mode) and :attr:`direction`, decided Keras' way when first needed
+    (:meth:`decide_direction`) or set through ``monitor_op``.
+
+    Whether a value improves is decided by a :class:`ckptmgr.MetricTracker` of that
+    direction and ``min_delta``, and by nothing else: for ``ModelCheckpoint`` the
+    tracker of its :class:`ckptmgr.CheckpointManager` (``save_best_only`` is the
+    manager's ``best_only``), for ``EarlyStopping`` one of its own
+    (:meth:`new_tracker`). ``monitor_op`` reads as Keras' (``keras.ops.less`` or
+    ``keras.ops.greater``) for code that inspects it; it decides nothing.
+    """
+
+    def __init__(self, monitor: str, mode: str, min_delta: object = 0) -> None:
+        super().__init__()
+        # What the MetricTracker will require, checked now rather than at the first epoch end.
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"Expected monitor to be a non-empty str. Received: monitor={monitor!r}")
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float, np.integer, np.floating))
+            or not math.isfinite(min_delta)
+        ):
+            raise ValueError(f"Expected min_delta to be a finite number. Received: min_delta={min_delta!r}")
+        self.monitor: str = monitor
+        # Warns at the line that built the callback: check_mode < here < subclass __init__ < caller.
+        self.mode: str = check_mode(type(self).__name__, mode, stacklevel=4)
+        self.min_delta: float = abs(float(min_delta))
+        self._direction: Direction | None = None
+
+    @property
+    def direction(self) -> Direction | None:
+        """``"min"`` or ``"max"``: which way ``monitor`` improves; None until decided."""
+        return self._direction
+
+    @direction.setter
+    def direction(self, direction: Direction | None) -> None:
+        if direction not in (None, "min", "max"):
+            raise ValueError(f"Expected direction to be 'min', 'max' or None. Received: direction={direction!r}")
+        self._set_direction(direction, f"direction={direction!r}")
+
+    def _set_direction(self, direction: Direction | None, received: str = "") -> None:
+        """Every change of the direction goes through here (``received``: what the user set, for
+        error messages); subclasses keep what depends on it in step."""
+        self._direction = direction
+
+    @property
+    def monitor_op(self) -> MonitorOp | None:
+        """Keras' ``monitor_op``: the comparator of :attr:`direction` (None until it is decided).
+
+        Setting it (to ``keras.ops.less``/``greater``, NumPy's ``np.less``/``np.greater``,
+        or None to decide again at the next epoch end) sets the direction.
+        """
+        return monitor_op_of(self._direction)
+
+    @monitor_op.setter
+    def monitor_op(self, op: MonitorOp | None) -> None:
+        self._set_direction(direction_of_op(type(self).__name__, op), f"monitor_op={op!r}")
+
+    def decide_direction(self, *, required: bool) -> Direction | None:
+        """The direction, decided now (Keras' way) if it is not yet.
+
+        Raises:
+            ValueError: ``required`` and it cannot be told (Keras' wording first).
+        """
+        if self._direction is None:
+            direction = resolve_direction(self.monitor, self.mode, self.model)
+            if direction is not None:
+                self._set_direction(direction)
+        if self._direction is None and required:
+            raise direction_error(type(self).__name__, self.monitor)
+        return self._direction
+
+    def new_tracker(self, direction: Direction) -> ckptmgr.MetricTracker:
+        """A :class:`ckptmgr.MetricTracker` of ``monitor`` in ``direction`` with this ``min_delta``."""
+        return ckptmgr.MetricTracker(self.monitor, mode=direction, min_delta=abs(float(self.min_delta)))

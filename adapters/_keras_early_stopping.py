@@ -7,25 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from ._keras_base import (
-    CkptCallback,
-    Direction,
-    MonitorOp,
-    check_mode,
-    direction_error,
-    direction_of_op,
-    improved,
-    monitor_op_of,
-    print_msg,
-    resolve_direction,
-)
+import ckptmgr
+
+from ._keras_base import Direction, MonitorCallback, monitored_value, print_msg
 
 
-class EarlyStopping(CkptCallback):
+class EarlyStopping(MonitorCallback):
     """Stop training when a monitored metric has stopped improving.
 
     A drop-in for ``keras.callbacks.EarlyStopping``: the same arguments, defaults and
     decisions (the same stopping epoch, the same restored weights, on the same run).
+    Whether an epoch improves is decided by a :class:`ckptmgr.MetricTracker` of its
+    own (:attr:`tracker`: the direction, ``min_delta``, the best value and the patience
+    count ``wait``), the engine's comparator; ``baseline`` keeps Keras' meaning.
     Used in the same ``fit()`` as :class:`ckptmgr.adapters.keras.BackupAndRestore`,
     its state (patience count, best value and epoch, best weights, stopped epoch) is
     saved in every backup and restored with it, so a run killed and resumed stops at
@@ -59,10 +53,12 @@ class EarlyStopping(CkptCallback):
     Attributes:
         monitor_op: Keras' comparator for the direction: ``keras.ops.less`` (``"min"``)
             or ``keras.ops.greater`` (``"max"``), None until the first epoch end decides
-            it (as in Keras). It is the comparator that decides improvements; setting
-            it (to one of those, NumPy's ``np.less``/``np.greater``, or None) sets the
-            direction.
+            it (as in Keras). It reads as Keras' but decides nothing (:attr:`tracker`
+            does); setting it (to one of those, NumPy's ``np.less``/``np.greater``, or
+            None) sets the direction.
         direction: the same, as ``"min"``, ``"max"`` or None.
+        best, wait: the best value so far and the epochs monitored since the last
+            improvement (that also beat ``baseline``): :attr:`tracker`'s.
 
     Raises:
         ValueError: at the first epoch end, ``mode="auto"`` and the direction of
@@ -82,30 +78,61 @@ class EarlyStopping(CkptCallback):
         restore_best_weights: bool = False,
         start_from_epoch: int = 0,
     ) -> None:
-        super().__init__()
-        self.monitor = monitor
-        self.mode = check_mode(type(self).__name__, mode)
-        self.min_delta = abs(min_delta)
+        super().__init__(monitor, mode, min_delta)
         self.patience = patience
         self.verbose = verbose
         self.baseline = baseline
         self.restore_best_weights = restore_best_weights
         self.start_from_epoch = start_from_epoch
-        self.direction: Direction | None = None
-        self.wait = 0
+        # Holds best and wait from the start; its direction is a placeholder until the
+        # real one is decided (_set_direction), and it decides nothing before.
+        self._tracker = self.new_tracker("min")
         self.stopped_epoch = 0
-        self.best: Any = baseline  # as in Keras, until on_train_begin
+        self.best = baseline  # as in Keras, until on_train_begin
         self.best_weights: list[np.ndarray] | None = None
         self.best_epoch = 0
 
-    @property
-    def monitor_op(self) -> MonitorOp | None:
-        """Keras' ``monitor_op``: the comparator of :attr:`direction` (None until it is decided)."""
-        return monitor_op_of(self.direction)
+    # ------------------------------------------------------------ the tracker
 
-    @monitor_op.setter
-    def monitor_op(self, op: MonitorOp | None) -> None:
-        self.direction = direction_of_op(type(self).__name__, op)
+    @property
+    def tracker(self) -> ckptmgr.MetricTracker | None:
+        """The :class:`ckptmgr.MetricTracker` that decides improvements (None until the
+        direction is decided). Its steps are 0-based epochs."""
+        return self._tracker if self.direction is not None else None
+
+    def _set_direction(self, direction: Direction | None, received: str = "") -> None:
+        super()._set_direction(direction)
+        self._sync_tracker()
+
+    def _sync_tracker(self) -> ckptmgr.MetricTracker:
+        """The tracker, made anew (keeping its best and wait) if the direction, ``monitor``
+        or ``min_delta`` changed since it was made."""
+        old = self._tracker
+        direction = self.direction or old.mode
+        if (old.monitor, old.mode, old.min_delta) != (self.monitor, direction, abs(float(self.min_delta))):
+            self._tracker = self.new_tracker(direction)
+            self._tracker.best, self._tracker.best_step, self._tracker.wait = old.best, old.best_step, old.wait
+        return self._tracker
+
+    @property
+    def best(self) -> float | None:
+        """The best value of ``monitor`` so far (None: nothing monitored yet)."""
+        return self._tracker.best
+
+    @best.setter
+    def best(self, value: float | None) -> None:
+        self._tracker.best = None if value is None else float(value)
+
+    @property
+    def wait(self) -> int:
+        """Epochs monitored since the last improvement that also beat ``baseline``."""
+        return self._tracker.wait
+
+    @wait.setter
+    def wait(self, value: int) -> None:
+        self._tracker.wait = int(value)
+
+    # ------------------------------------------------------------ events
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         super().on_train_begin(logs)
@@ -113,14 +140,12 @@ class EarlyStopping(CkptCallback):
         self.wait = 0
         self.stopped_epoch = 0
         self.best = None
+        self._tracker.best_step = None
         self.best_weights = None
         self.best_epoch = 0
 
     def _handle_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
-        if self.direction is None:
-            self.direction = resolve_direction(self.monitor, self.mode, self.model)
-            if self.direction is None:
-                raise direction_error(type(self).__name__, self.monitor)
+        self.decide_direction(required=True)
         current = self.get_monitor_value(logs)
         if current is None or epoch < self.start_from_epoch:
             return
@@ -128,17 +153,18 @@ class EarlyStopping(CkptCallback):
             # Until something improves, the first monitored epoch is the best one.
             self.best_weights = self.model.get_weights()
             self.best_epoch = epoch
-        self.wait += 1
-        if improved(self.direction, current, self.best, self.min_delta):
-            self.best = current
+        tracker = self._sync_tracker()
+        wait = tracker.wait
+        value = monitored_value(self.monitor, current)
+        if tracker.update(epoch, value):  # the one decision: better than the best by more than min_delta
             self.best_epoch = epoch
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
-            # Patience restarts only once the baseline, too, is beaten.
-            if self.baseline is None or improved(self.direction, current, self.baseline, self.min_delta):
-                self.wait = 0
+            # Patience restarts only once the baseline, too, is beaten (Keras' rule).
+            if self.baseline is not None and not tracker.is_better(value, float(self.baseline)):
+                tracker.wait = wait + 1
             return
-        if self.wait >= self.patience and epoch > 0:
+        if tracker.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
@@ -191,5 +217,6 @@ class EarlyStopping(CkptCallback):
         self.stopped_epoch = int(state["stopped_epoch"])
         self.best = state["best"]
         self.best_epoch = int(state["best_epoch"])
+        self._tracker.best_step = None if self.best is None else self.best_epoch
         weights = state["best_weights"]
         self.best_weights = None if weights is None else [np.asarray(w) for w in weights]

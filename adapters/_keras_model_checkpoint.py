@@ -14,15 +14,12 @@ import numpy as np
 import ckptmgr
 
 from ._keras_base import (
-    CkptCallback,
+    BatchCounter,
     Direction,
-    MonitorOp,
-    check_mode,
-    direction_error,
-    direction_of_op,
-    improved,
+    MonitorCallback,
+    check_flags,
     keras_worded,
-    monitor_op_of,
+    next_step,
     print_msg,
     resolve_direction,
     scalar_metrics,
@@ -64,7 +61,7 @@ def _template_fields(template: str, what: str) -> list[str]:
     return fields
 
 
-class ModelCheckpoint(CkptCallback):
+class ModelCheckpoint(MonitorCallback):
     """Save the Keras model or its weights at some frequency, atomically, keeping what you choose.
 
     A drop-in for ``keras.callbacks.ModelCheckpoint``: the same arguments, defaults,
@@ -79,9 +76,11 @@ class ModelCheckpoint(CkptCallback):
     - ``keep=`` is a retention policy for templated names, e.g.
       ``ckptmgr.KeepLast(3) | ckptmgr.KeepBest(1)``; the latest and the best file are
       never deleted.
-    - ``save_best_only`` remembers its best across restarts: a new process never
-      overwrites the best file with a worse model (the best value is stored with
-      every file).
+    - ``save_best_only`` is the engine's ``best_only`` (its
+      :class:`ckptmgr.OnImprovement` policy): the manager's
+      :class:`ckptmgr.MetricTracker` decides whether ``monitor`` improved, and it
+      remembers its best across restarts: a new process never overwrites the best
+      file with a worse model (the best value is stored with every file).
     - Used with :class:`ckptmgr.adapters.keras.BackupAndRestore`, its batch counter
       is backed up too, so a resumed run saves at the same batches.
 
@@ -123,9 +122,10 @@ class ModelCheckpoint(CkptCallback):
         monitor_op: Keras' comparator for the direction of ``monitor``:
             ``keras.ops.less`` (``"min"``) or ``keras.ops.greater`` (``"max"``), None
             until it is decided (at the first save or epoch end) or where it cannot be
-            told and is not needed. It is the comparator that decides "best", and the
-            engine's :class:`ckptmgr.MetricTracker` has the same mode. Setting it
-            (outside ``fit()``) sets the direction.
+            told and is not needed. It reads as Keras' but decides nothing: the
+            engine's :class:`ckptmgr.MetricTracker`, of the same direction, decides
+            "best". Setting it (outside ``fit()``) sets the direction.
+        direction: the same, as ``"min"``, ``"max"`` or None.
 
     Raises:
         ValueError: bad arguments; the message starts with Keras' wording where Keras
@@ -157,7 +157,6 @@ class ModelCheckpoint(CkptCallback):
         keep: ckptmgr.RetentionPolicy | None = None,
         async_save: bool = False,
     ) -> None:
-        super().__init__()
         # Checked in Keras' order (save_freq, then the suffix), with Keras' wording first.
         if not isinstance(filepath, (str, os.PathLike)):
             raise ValueError(f"Expected filepath to be a non-empty str or path. Received: filepath={filepath!r}")
@@ -199,30 +198,22 @@ class ModelCheckpoint(CkptCallback):
             raise ValueError(
                 f"Expected keep to be a retention policy such as ckptmgr.KeepLast(3), or None. Received: keep={keep!r}"
             )
-        for name, flag in (("save_best_only", save_best_only), ("save_weights_only", save_weights_only),
-                           ("async_save", async_save)):
-            if not isinstance(flag, (bool, int)):
-                raise ValueError(f"Expected {name} to be a bool. Received: {name}={flag!r}")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"Expected monitor to be a non-empty str. Received: monitor={monitor!r}")
+        check_flags(save_best_only=save_best_only, save_weights_only=save_weights_only, async_save=async_save)
+        super().__init__(monitor, mode)  # checks monitor, then mode (an unknown one warns)
         self.filepath = path
-        self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = bool(save_best_only)
         self.save_weights_only = bool(save_weights_only)
-        self.mode = check_mode(type(self).__name__, mode)
         self.save_freq = save_freq
         self.initial_value_threshold = initial_value_threshold
         self.keep = keep
         self.async_save = bool(async_save)
         self.directory = Path(os.path.abspath(directory or os.curdir))
         self._template = template
-        self._direction: Direction | None = None
         self._manager: ckptmgr.CheckpointManager | None = None
         self._last_step = -1
         self._best_seen: float | None = None  # the engine's best when it was last closed
-        self._batches_seen_since_last_saving = 0
-        self._last_batch_seen: int | None = None
+        self._batches = BatchCounter()
 
     def __repr__(self) -> str:
         return f"ModelCheckpoint({self.filepath!r}, monitor={self.monitor!r})"
@@ -237,22 +228,14 @@ class ModelCheckpoint(CkptCallback):
             return tracker.best
         return self._best_seen if self._best_seen is not None else self.initial_value_threshold
 
-    @property
-    def monitor_op(self) -> MonitorOp | None:
-        """Keras' ``monitor_op``: the comparator of the direction of ``monitor`` (None until decided)."""
-        tracker = self._manager.tracker if self._manager is not None else None
-        return monitor_op_of(tracker.mode if tracker is not None else self._direction)
-
-    @monitor_op.setter
-    def monitor_op(self, op: MonitorOp | None) -> None:
-        direction = direction_of_op(type(self).__name__, op)
-        if self._manager is not None and direction != self._direction:
+    def _set_direction(self, direction: Direction | None, received: str = "") -> None:
+        if received and self._manager is not None and direction != self._direction:
             # The open engine's MetricTracker keeps the direction it was opened with.
             raise ValueError(
                 f"Expected {type(self).__name__}.monitor_op to be changed outside fit(): the direction of "
-                f"{self.monitor!r} is {self._direction!r} until this fit() ends. Received: monitor_op={op!r}"
+                f"{self.monitor!r} is {self._direction!r} until this fit() ends. Received: {received}"
             )
-        self._direction = direction
+        super()._set_direction(direction)
 
     @property
     def manager(self) -> ckptmgr.CheckpointManager | None:
@@ -282,20 +265,12 @@ class ModelCheckpoint(CkptCallback):
     def _handle_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
         if self.save_freq == "epoch":
             return
-        # Batches are counted across epochs; a batch index that does not grow means a new epoch.
-        if self._last_batch_seen is None or batch <= self._last_batch_seen:
-            self._batches_seen_since_last_saving += batch + 1
-        else:
-            self._batches_seen_since_last_saving += batch - self._last_batch_seen
-        self._last_batch_seen = batch
         assert isinstance(self.save_freq, int)
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
+        if self._batches.count(batch, every=self.save_freq):
             self._save(self._epoch or 0, batch, logs)
 
     def _handle_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
-        if self._direction is None:  # as Keras sets monitor_op; required only by save_best_only
-            self._direction = resolve_direction(self.monitor, self.mode, self.model)
+        self.decide_direction(required=False)  # as Keras sets monitor_op; required only by save_best_only
         if self.save_freq == "epoch":
             self._save(epoch, None, logs)
 
@@ -357,23 +332,33 @@ class ModelCheckpoint(CkptCallback):
 
     def _open(self) -> ckptmgr.CheckpointManager:
         if self._manager is None:
-            if self._direction is None:
-                self._direction = resolve_direction(self.monitor, self.mode, self.model)
-            if self._direction is None and self.save_best_only:
-                raise direction_error(type(self).__name__, self.monitor)
-            self._manager = ckptmgr.CheckpointManager(
+            direction = self.decide_direction(required=self.save_best_only)
+            manager = ckptmgr.CheckpointManager(
                 self.directory,
                 keep=self.keep,
-                monitor=self.monitor if self._direction else None,
-                mode=self._direction or "auto",
+                monitor=self.monitor if direction else None,
+                mode=direction or "auto",
+                min_delta=abs(float(self.min_delta)),
                 baseline=self.initial_value_threshold,
+                # The engine decides what is saved: its OnImprovement policy, its MetricTracker.
+                best_only=self.save_best_only,
                 async_save=self.async_save,
             )
+            tracker = manager.tracker
+            if tracker is not None and tracker.best is None and self._best_seen is not None and self.save_best_only:
+                # The directory lost the history of the best this callback saved in an
+                # earlier fit() (files deleted meanwhile): a worse model still must not
+                # replace it, as with Keras, which keeps its best across fit() calls.
+                tracker.load_state_dict({**tracker.state_dict(), "best": self._best_seen, "best_step": None})
+            self._manager = manager
         return self._manager
 
     def _save(self, epoch: int, batch: int | None, logs: dict[str, Any]) -> None:
         filepath = self.format_filepath(epoch, batch, logs)
         manager = self._open()
+        metrics = scalar_metrics(logs)
+        step = next_step(manager, self._iterations(), self._last_step)
+        force = True  # save whatever the engine's policy says, as Keras would
         if self.save_best_only:
             current = logs.get(self.monitor)
             if current is None:
@@ -387,11 +372,13 @@ class ModelCheckpoint(CkptCallback):
             else:
                 best = self.best
                 best_text = "None" if best is None else f"{best:.5f}"
-                assert self._direction is not None
-                if not improved(self._direction, current, best, 0.0):
+                # The engine decides (best_only: its MetricTracker, through OnImprovement);
+                # save() below, with the same metrics, decides the same.
+                if not manager.should_save(step, metrics):
                     if self.verbose > 0:
                         print_msg(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_text}")
                     return
+                force = False
                 if self.verbose > 0:
                     print_msg(
                         f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_text} to {current:.5f}, "
@@ -409,11 +396,16 @@ class ModelCheckpoint(CkptCallback):
                 filepath,
                 IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filepath),
             )
-        self._write(manager, os.path.basename(filepath), logs)
+        self._write(manager, step, os.path.basename(filepath), metrics, force=force)
         if self.verbose > 0:
             print_msg(f"\nEpoch {epoch + 1}: finished saving model to {filepath}")
 
-    def _write(self, manager: ckptmgr.CheckpointManager, name: str, logs: dict[str, Any]) -> None:
+    def _iterations(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        return int(np.asarray(optimizer.iterations.numpy())) if optimizer is not None else 0
+
+    def _write(self, manager: ckptmgr.CheckpointManager, step: int, name: str, metrics: dict[str, float], *,
+               force: bool) -> None:
         model = self.model
 
         def write(path: Path) -> None:
@@ -422,26 +414,16 @@ class ModelCheckpoint(CkptCallback):
             else:
                 model.save(str(path), overwrite=True)
 
-        latest = manager.latest
-        optimizer = getattr(model, "optimizer", None)
-        iterations = int(np.asarray(optimizer.iterations.numpy())) if optimizer is not None else 0
-        # Steps only grow, even when a new run in the same directory starts from 0: a
-        # step that existed would replace (and delete) that step's file.
-        step = max(iterations, self._last_step + 1, latest.step + 1 if latest is not None else 0)
         self._last_step = step
         with warnings.catch_warnings():
             # Keras' own warning about a missing monitor was given above.
             warnings.simplefilter("ignore", ckptmgr.MissingMetricWarning)
-            manager.save(step, ckptmgr.FilePayload(name, write), metrics=scalar_metrics(logs), force=True)
+            manager.save(step, ckptmgr.FilePayload(name, write), metrics=metrics, force=force)
 
     # ------------------------------------------------------------ backed-up state
 
     def callback_state(self) -> dict[str, Any]:
-        return {
-            "filepath": self.filepath,
-            "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
-            "last_batch_seen": self._last_batch_seen,
-        }
+        return {"filepath": self.filepath, **self._batches.state()}
 
     def load_callback_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("filepath") != self.filepath:
@@ -452,6 +434,4 @@ class ModelCheckpoint(CkptCallback):
                 stacklevel=5,
             )
             return
-        self._batches_seen_since_last_saving = int(state["batches_seen_since_last_saving"])
-        last = state["last_batch_seen"]
-        self._last_batch_seen = None if last is None else int(last)
+        self._batches.load_state(state)

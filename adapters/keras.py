@@ -38,9 +38,20 @@ Differences from ``keras.callbacks`` worth knowing:
   Where Keras raises too, the message starts with Keras' exact wording
   (``Unrecognized save_freq: ...``, ``Empty `backup_dir` argument passed``, ...), so
   code matching on it keeps working, and ckptmgr's detail follows.
+- Improvements are decided by a :class:`ckptmgr.MetricTracker`, the engine's one
+  comparator, never by ``keras.ops``: ``ModelCheckpoint(save_best_only=True)`` is the
+  manager's ``best_only`` (its :class:`ckptmgr.OnImprovement` policy and tracker decide
+  what is saved), and ``EarlyStopping`` has a tracker of its own
+  (``EarlyStopping.tracker``: best value, patience count). Values are compared as
+  Python floats (float64), where Keras compares in the default float type
+  (``float32``): only values within half a float32 step of the best (or of
+  ``baseline``/``initial_value_threshold``, or of it plus ``min_delta``) can be decided
+  differently. A NaN or infinite value never counts as an improvement (the engine's
+  rule, with a :class:`ckptmgr.CheckpointWarning`), where Keras takes a first NaN as
+  the best.
 - ``monitor_op`` (``EarlyStopping``, ``ModelCheckpoint``) is Keras' ``keras.ops.less`` or
-  ``keras.ops.greater``, None until decided, and is the comparator that decides
-  improvements; setting it sets the direction, and only those two (or NumPy's
+  ``keras.ops.greater``, None until decided; it tells the direction and decides
+  nothing. Setting it sets the direction, and only those two (or NumPy's
   ``np.less``/``np.greater``, or None) are accepted. ``min_delta`` stays positive (Keras
   negates it in ``"min"`` mode).
 - All three work on Keras' public API (``model.variables``, ``optimizer.variables``,

@@ -73,7 +73,7 @@ def to_tree(obj: Any) -> Any:
     Raises:
         TypeError: a value with no tree form (the message names its path), e.g. a
             ``tf.random.Generator`` (capture those with
-            :func:`ckptmgr.adapters.loop.capture_rng`).
+            :func:`ckptmgr.adapters.rng.capture_rng`).
     """
     return _encode(obj, ())
 

@@ -274,6 +274,83 @@ def test_early_stopping_matches_keras(capsys: pytest.CaptureFixture[str], kwargs
     assert ours[5] == theirs[5]
 
 
+# ------------------------------------------------ one comparator: ckptmgr.MetricTracker
+#
+# Every "did the monitored value improve?" is decided by a ckptmgr.MetricTracker (in
+# Python floats), never by monitor_op (keras.ops in float32). The values below are
+# near-ties that the two decide differently: 0.9 - 1e-12 beats 0.9 in float64 and
+# equals it in float32.
+
+NEAR_TIES = [0.95, 0.9 - 1e-12, 0.5, 0.5, 0.5 - 1e-12, 0.7, 0.5 - 2e-12]
+
+
+def drive(callback: Any, model: Any, values: list[float], monitor: str = "val_loss") -> None:
+    """Epoch ends with ``monitor`` taking ``values``, without training (as Keras' own tests do)."""
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, value in enumerate(values):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {monitor: value})
+        if model.stop_training:
+            break
+    callback.on_train_end()
+
+
+def test_save_best_only_is_the_engines_decision(tmp_path: Path, fresh: FreshModel) -> None:
+    callback = ck.ModelCheckpoint(str(tmp_path / "m-{epoch}.keras"), save_best_only=True, initial_value_threshold=0.9)
+    opened: list[ckptmgr.CheckpointManager] = []
+    original_open = callback._open
+
+    def spy() -> ckptmgr.CheckpointManager:
+        manager = original_open()
+        opened.append(manager)
+        return manager
+
+    callback._open = spy  # type: ignore[method-assign]
+    drive(callback, fresh(), NEAR_TIES)
+    reference = ckptmgr.MetricTracker("val_loss", mode="min", baseline=0.9)
+    expected = [f"m-{epoch + 1}.keras" for epoch, value in enumerate(NEAR_TIES) if reference.update(epoch, value)]
+    assert expected == ["m-2.keras", "m-3.keras", "m-5.keras", "m-7.keras"]
+    assert visible(tmp_path) == expected
+    assert callback.best == reference.best == NEAR_TIES[-1]
+    manager = opened[0]
+    assert manager.tracker is not None and (manager.tracker.mode, manager.tracker.baseline) == ("min", 0.9)
+    assert callback.monitor_op is keras.ops.less  # Keras' comparator, for reading; it decided nothing
+
+
+def test_early_stopping_decides_with_its_metric_tracker(fresh: FreshModel) -> None:
+    stopper = ck.EarlyStopping(monitor="val_loss", patience=1)
+    assert stopper.tracker is None  # until the first epoch end decides the direction
+    drive(stopper, fresh(), [1.0, 1.0 - 1e-12, 1.0 - 2e-12, 1.0 - 3e-12, 1.0 - 3e-12, 2.0])
+    tracker = stopper.tracker
+    assert tracker is not None and tracker.mode == "min" and stopper.monitor_op is keras.ops.less
+    # Each near-tie improves in float64 (keras.ops.less, in float32, would have stopped at epoch 1).
+    assert stopper.stopped_epoch == 4 and stopper.best == tracker.best == 1.0 - 3e-12
+    assert (stopper.wait, stopper.best_epoch, tracker.best_step) == (tracker.wait, 3, 3) == (1, 3, 3)
+
+
+def test_early_stopping_keeps_keras_baseline_rule_on_its_tracker(fresh: FreshModel) -> None:
+    # Improving on the best, but not on the baseline, does not restart patience (Keras' rule).
+    values = [0.9, 0.8, 0.7, 0.69, 0.4, 0.38, 0.37, 0.36, 0.36, 0.36, 0.1]
+    results = []
+    for cls in (keras.callbacks.EarlyStopping, ck.EarlyStopping):
+        stopper = cls(monitor="val_loss", patience=5, baseline=0.5, min_delta=0.05, restore_best_weights=True)
+        drive(stopper, fresh(), values)
+        results.append((stopper.best, stopper.best_epoch, stopper.wait, stopper.stopped_epoch))
+    assert results[1] == results[0] == (0.4, 4, 5, 9)
+
+
+def test_non_finite_values_never_improve(tmp_path: Path, fresh: FreshModel) -> None:
+    # The engine's rule, for both callbacks: a NaN is never the best (Keras takes a first NaN as the best).
+    stopper = ck.EarlyStopping(monitor="val_loss", patience=2)
+    with pytest.warns(ckptmgr.CheckpointWarning, match="not finite"):
+        drive(stopper, fresh(), [float("nan"), 0.5, 0.6])
+    assert (stopper.best, stopper.best_epoch, stopper.wait, stopper.stopped_epoch) == (0.5, 1, 1, 0)
+    checkpoint = ck.ModelCheckpoint(str(tmp_path / "m-{epoch}.keras"), save_best_only=True)
+    drive(checkpoint, fresh(), [float("nan"), 0.5, float("nan")])
+    assert visible(tmp_path) == ["m-2.keras"]
+
+
 # ---------------------------------------------------------------- BackupAndRestore
 
 
@@ -356,8 +433,8 @@ def test_backup_bad_save_freq(tmp_path: Path, save_freq: Any) -> None:
 
 
 def test_docstring_examples_run() -> None:
-    from ckptmgr.adapters import _keras_backup, _keras_early_stopping, _keras_model_checkpoint
+    from ckptmgr.adapters import _keras_backup, _keras_base, _keras_early_stopping, _keras_model_checkpoint
 
-    for module in (ck, _keras_backup, _keras_early_stopping, _keras_model_checkpoint):
+    for module in (ck, _keras_base, _keras_backup, _keras_early_stopping, _keras_model_checkpoint):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__

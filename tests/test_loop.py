@@ -1,5 +1,8 @@
 """ckptmgr.adapters.loop: RNG capture/restore, TrainingLoop resume, pre-emption signals.
 
+RNG capture/restore lives in ckptmgr.adapters.rng (shared with the Keras backup); these
+tests import it through ckptmgr.adapters.loop, which re-exports it.
+
 The crash tests run real child processes (tests/_loop_child.py and the NumPy example),
 kill them with SIGKILL or signal them at random steps, and require the result to be
 bit-identical to an uninterrupted run. CKPTMGR_TEST_SEED replays an interruption plan.
@@ -33,6 +36,7 @@ from _loop_harness import (
 
 import ckptmgr
 from ckptmgr.adapters import loop as loop_module
+from ckptmgr.adapters import rng as rng_module
 from ckptmgr.adapters.loop import PREEMPTED_EXIT_CODE, TrainingLoop, capture_rng, restore_rng
 
 # ----------------------------------------------------------------------------- RNG
@@ -92,6 +96,12 @@ def test_global_generators_survive_a_checkpoint(tmp_path: Path) -> None:
     assert [random.random(), random.gauss(0, 1), *np.random.standard_normal(3), np.random.rand()] == expected
 
 
+def test_loop_reexports_the_rng_module() -> None:
+    for name in ("FRAMEWORKS", "Framework", "capture_rng", "restore_rng"):
+        assert name in loop_module.__all__ and getattr(loop_module, name) is getattr(rng_module, name)
+    assert rng_module.FRAMEWORKS == ("python", "numpy", "tensorflow", "keras", "torch")
+
+
 def test_capture_rng_tree_layout() -> None:
     gen = np.random.default_rng(0)
     tree = capture_rng([gen, random.Random(1)], frameworks=("numpy",))
@@ -115,7 +125,7 @@ def test_adapters_import_and_work_without_tensorflow_or_torch(tmp_path: Path) ->
 import sys
 for name in ("tensorflow", "torch", "keras", "ml_dtypes"):
     sys.modules[name] = None
-import ckptmgr.adapters.loop as loop, ckptmgr.adapters.tf, ckptmgr.adapters.torch
+import ckptmgr.adapters.loop as loop, ckptmgr.adapters.rng, ckptmgr.adapters.tf, ckptmgr.adapters.torch
 print(sorted(loop.capture_rng()))
 try:
     loop.capture_rng(frameworks=("torch",))
@@ -362,9 +372,10 @@ def test_nested_with_is_refused(mgr: ckptmgr.CheckpointManager) -> None:
         pass
 
 
-def test_docstring_examples() -> None:
-    result = doctest.testmod(loop_module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 10
+@pytest.mark.parametrize("module", [loop_module, rng_module], ids=["loop", "rng"])
+def test_docstring_examples(module: Any) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 5
 
 
 # ------------------------------------------------------------- child processes
