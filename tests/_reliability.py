@@ -1,4 +1,4 @@
-"""Shared by the reliability harness (tests/test_reliability_*.py).
+"""Shared by the reliability harness (tests/test_reliability_*.py) and test_lock.py.
 
 - Counting: :func:`record` appends what a test tried (and what it found) to a JSON-lines
   file under ``$CKPTMGR_RELIABILITY_RESULTS``; ``tools/reliability_report.py`` sets it,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import json
 import mmap
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from conftest import assert_tree_equal
+from _trees import assert_tree_equal
 
 import ckptmgr
 from ckptmgr import codec, storage
@@ -107,7 +108,8 @@ class Plan:
     """A writer workload and the model of the directory it leaves.
 
     Steps are saved in order from 1 with ``val_loss = metric_for(step)``, retention
-    ``KeepLast(keep_last)`` (the manager adds: latest and best are never deleted).
+    ``KeepLast(keep_last)``, or ``KeepLast(keep_last) | KeepEvery(steps=keep_every)``
+    (the manager adds: latest and best are never deleted).
     Payload plans save every step as a :class:`ckptmgr.FilePayload`; every third step
     reuses one name (so it replaces the earlier checkpoint of that name), the others
     have their own.
@@ -120,12 +122,15 @@ class Plan:
     async_save: bool = False
     prune: bool = False
     share: bool = True  # payloads: every third step reuses one name
+    keep_every: int | None = None  # and KeepEvery(steps=keep_every): the long view
+
+    def policy(self) -> ckptmgr.RetentionPolicy:
+        keep = ckptmgr.KeepLast(self.keep_last)
+        return keep if self.keep_every is None else keep | ckptmgr.KeepEvery(steps=self.keep_every)
 
     def open(self, directory: str | os.PathLike[str], **kwargs: Any) -> ckptmgr.CheckpointManager:
-        return ckptmgr.CheckpointManager(
-            directory, keep=ckptmgr.KeepLast(self.keep_last), monitor=MONITOR,
-            async_save=self.async_save, **kwargs,
-        )
+        kwargs.setdefault("async_save", self.async_save)
+        return ckptmgr.CheckpointManager(directory, keep=self.policy(), monitor=MONITOR, **kwargs)
 
     def file_name(self, step: int) -> str:
         if not self.payload:
@@ -167,7 +172,14 @@ class Plan:
         for step in range(1, last + 1):
             present = {s for s in present if self.file_name(s) != self.file_name(step)} | {step}
             best = self.tracker_best(step)
-            present = set(sorted(present)[-self.keep_last:]) | ({best} if best in present else set())
+            kept = set(sorted(present)[-self.keep_last:]) | ({best} if best in present else set())
+            if self.keep_every is not None:
+                # KeepEvery: the first checkpoint of each interval of keep_every steps.
+                firsts: dict[int, int] = {}
+                for s in sorted(present):
+                    firsts.setdefault(s // self.keep_every, s)
+                kept |= set(firsts.values())
+            present = kept
         return present
 
     def bounds(self, last: int) -> tuple[set[int], set[int]]:
@@ -196,6 +208,10 @@ PLANS: dict[str, Plan] = {
     "payload": Plan("payload", keep_last=3, payload=True),
     "payload-unique": Plan("payload-unique", keep_last=2, payload=True, share=False),
     "async": Plan("async", keep_last=2, array_len=40_000, async_save=True),
+    # A plain training loop's retention, KeepLast(2) | KeepEvery: the long view kept
+    # through the kills (test_sigkill_at_random_instants[_long]).
+    "keep-every-10": Plan("keep-every-10", keep_last=2, array_len=20_000, keep_every=10),
+    "keep-every-50": Plan("keep-every-50", keep_last=2, array_len=20_000, keep_every=50),
 }
 
 
@@ -606,9 +622,12 @@ def crash_child(conn: Connection, directory: str, plan_name: str, options: dict[
     ``wait`` returned). Options: ``steps`` (stop after that many and close, else run
     until killed), ``crash`` ((n, "before"|"after"): exit at that hooked call),
     ``trace`` (send the labels of the hooked calls at the end), ``marker`` (a file for
-    :class:`Marker`)."""
+    :class:`Marker`), ``async_save`` (True or False: instead of the plan's)."""
+    plan = PLANS[plan_name]
+    if options.get("async_save") is not None:
+        plan = dataclasses.replace(plan, async_save=bool(options["async_save"]))
     try:
-        _crash_child(conn, Path(directory), PLANS[plan_name], options)
+        _crash_child(conn, Path(directory), plan, options)
     except BaseException:
         import traceback
 

@@ -25,7 +25,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_tree_equal
+from _trees import assert_tree_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -189,25 +190,31 @@ def test_lock_error_is_catchable_as_the_builtin() -> None:
 def test_reader_never_sees_partial_data_while_the_writer_saves_and_deletes(ckpt_dir: Path) -> None:
     """A reader restoring over and over while another process saves with aggressive
     retention: every restore is a complete checkpoint, never an error or a warning."""
-    import _crash_child as child
-    from conftest import assert_tree_equal
+    from _reliability import PLANS, ChildRun, crash_child, drain, processes
 
-    with subprocess.Popen([sys.executable, str(Path(__file__).with_name("_crash_child.py")), str(ckpt_dir),
-                           str(10**9)], stdout=subprocess.PIPE, text=True) as writer:
-        try:
-            assert writer.stdout is not None
-            for _ in range(3):
-                writer.stdout.readline()
-            reader = CheckpointManager(ckpt_dir, read_only=True)
-            seen = set()
-            for _ in range(40):
-                state = reader.restore()
-                assert_tree_equal(state, child.state_for(state["step"]))
-                seen.add(state["step"])
-                latest = reader.latest
-                assert latest is not None and latest.step >= state["step"]
-            assert writer.poll() is None, "the writer stopped early"
-        finally:
-            writer.kill()
-            writer.wait(60)
+    plan = PLANS["save"]  # KeepLast(2): every save deletes one; 320 KB of arrays a step
+    ctx = processes()
+    parent, child = ctx.Pipe(duplex=False)
+    writer = ctx.Process(target=crash_child, args=(child, str(ckpt_dir), plan.name, {}), daemon=True)
+    writer.start()
+    child.close()
+    run = ChildRun()
+    seen = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(run.promised) < 3 and time.monotonic() < deadline:
+            assert drain(parent, run, 1.0), f"the writer stopped: {run.error}"
+        assert len(run.promised) >= 3, "the writer did not save"
+        reader = CheckpointManager(ckpt_dir, read_only=True)
+        for _ in range(40):
+            state = reader.restore()
+            plan.check_content(reader, state["step"], state)
+            seen.add(state["step"])
+            latest = reader.latest
+            assert latest is not None and latest.step >= state["step"]
+        assert writer.is_alive(), f"the writer stopped early: {run.error}"
+    finally:
+        writer.kill()
+        writer.join(60)
+        parent.close()
     assert len(seen) > 1  # the writer really moved on while we read

@@ -19,6 +19,10 @@ whose files were deleted, or whose unreadable metadata a :class:`CheckpointWarni
 named); a fallback of ``restore()`` to an older checkpoint only with a warning. Any
 other exception, any wrong data, any silent fallback fails the case.
 
+Hand-made cases complete the fuzz: one damage each (a bit flip in array data, the
+manifest or the superblock; truncation; every checkpoint damaged; two files swapped; an
+empty file under a checkpoint name), behind an up-to-date index and under an open writer.
+
 Out of scope by design: an edit that recomputes the CRCs and stays consistent (a
 metric, a dict key stored under ``~N``) cannot be told from a real checkpoint without a
 secret key; such edits are not generated.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -42,8 +47,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from _reliability import MONITOR, copy_directory, payload_bytes, record, writes
-from conftest import assert_tree_equal
+from _reliability import MONITOR, copy_directory, payload_bytes, record, state_for, writes
+from _trees import assert_tree_equal
 
 import ckptmgr
 from ckptmgr import (
@@ -501,7 +506,12 @@ def test_a_sidecar_under_another_payloads_name(pristine: Path, scratch: Path, ho
     _judge(directory, Damage("sidecars", how), writer=writer, outcomes=Counter())
 
 
-def test_restore_best_when_the_best_is_damaged(pristine: Path, scratch: Path) -> None:
+@pytest.mark.parametrize("writer", [False, True], ids=["reader", "writer"])
+def test_restore_best_when_the_best_is_damaged(pristine: Path, scratch: Path, writer: bool) -> None:
+    """M3: the best checkpoint's manifest is damaged (one bit flipped). The tracker still
+    says which step is best, and a damaged best stays the best: ``best`` is that step,
+    and restore("best") raises CorruptCheckpointError naming its file, as restore(step)
+    does. It never falls back to the runner-up, and nothing is warned instead."""
     directory = copy_directory(pristine, scratch / "case")
     bad = directory / _name(BEST)
     with h5py.File(bad, "r") as f:
@@ -509,20 +519,16 @@ def test_restore_best_when_the_best_is_damaged(pristine: Path, scratch: Path) ->
     data = bytearray(bad.read_bytes())
     data[offset + 10] ^= 0x04
     bad.write_bytes(bytes(data))
-    with CheckpointManager(directory, read_only=True, monitor=MONITOR) as mgr, \
-            warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(CorruptCheckpointError):
-            mgr.restore(BEST)
-        try:
-            value = mgr.restore("best")
-        except CorruptCheckpointError:
-            return
-        assert mgr.best is not None
-        _check(mgr, mgr.best.step, value)
-    assert any(str(bad) in str(w.message) for w in caught), (
-        f"restore('best') returned step {mgr.best.step} and said nothing of the damaged best {BEST}"
-    )
+        with CheckpointManager(directory, read_only=not writer, monitor=MONITOR) as mgr:
+            with pytest.raises(CorruptCheckpointError, match=re.escape(str(bad))):
+                mgr.restore(BEST)
+            assert mgr.best is not None and mgr.best.step == BEST
+            with pytest.raises(CorruptCheckpointError, match=re.escape(str(bad))):
+                mgr.restore("best")
+            assert mgr.best is not None and mgr.best.step == BEST
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -544,3 +550,160 @@ def test_resuming_below_a_damaged_newest_checkpoint(tmp_path: Path, async_save: 
         except CheckpointError as exc:  # the async writer wraps what the commit raised
             raise exc.__cause__ or exc from None
         assert info is not None and info.step == 2
+
+
+# ------------------------------------------------------------ hand-made damage
+#
+# Deterministic cases (one damage each, by hand) on three native checkpoints: restore()
+# falls back past a damaged newest checkpoint with a warning naming it; restore(step) of
+# a damaged one raises CorruptCheckpointError.
+
+
+@pytest.fixture
+def three(ckpt_dir: Path) -> Path:
+    """A directory with checkpoints 1, 2, 3 (3 is the best) written and closed."""
+    with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state_for(step, 1000), metrics={"val_loss": 1.0 / step})
+    return ckpt_dir
+
+
+def _ckpt(directory: Path, step: int) -> Path:
+    return directory / f"ckpt-{step:09d}.h5"
+
+
+def _flip(path: Path, position: int, bit: int = 0, *, keep_mtime: bool = False) -> None:
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[position] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _data_offset(path: Path, dataset: str = "state/w") -> int:
+    with h5py.File(path, "r") as f:
+        return int(f[dataset].id.get_offset())
+
+
+def _assert_falls_back(directory: Path, bad: Path, expected_step: int, **kwargs: Any) -> None:
+    for mgr in (CheckpointManager(directory, read_only=True), CheckpointManager(directory, **kwargs)):
+        with mgr, pytest.warns(CheckpointWarning, match=str(bad)):
+            restored = mgr.restore()
+        assert_tree_equal(restored, state_for(expected_step, 1000))
+
+
+@pytest.mark.parametrize("where", ["array-data", "manifest", "superblock"])
+def test_bit_flip_in_the_newest_falls_back_with_a_warning(three: Path, where: str) -> None:
+    bad = _ckpt(three, 3)
+    position = {
+        "array-data": _data_offset(bad) + 8 * 500 + 3,
+        "manifest": _data_offset(bad, "ckptmgr_manifest") + 20,
+        "superblock": 0,
+    }[where]
+    _flip(bad, position, 2)
+    _assert_falls_back(three, bad, 2)
+    with CheckpointManager(three, monitor="val_loss") as mgr:
+        with pytest.raises(CorruptCheckpointError, match=str(bad)) as excinfo:
+            mgr.restore(3)
+        assert isinstance(excinfo.value, ValueError)
+        if where == "array-data":
+            # The metadata is intact, so 3 is still the best: exactly that one, no fallback.
+            with pytest.raises(CorruptCheckpointError, match=str(bad)):
+                mgr.restore("best")
+        else:
+            # Its metrics are unreadable: it is never ranked best.
+            assert mgr.best is not None and mgr.best.step == 2
+            assert any(r.startswith("corrupt: ") for r in mgr.checkpoints[-1].keep_reasons)
+        assert_tree_equal(mgr.restore(2), state_for(2, 1000))
+
+
+def test_damage_behind_an_up_to_date_index_is_still_caught(three: Path) -> None:
+    """The index cache says the file is fine (same size and mtime): restore verifies anyway."""
+    bad = _ckpt(three, 3)
+    _flip(bad, _data_offset(bad) + 100, 5, keep_mtime=True)
+    _assert_falls_back(three, bad, 2)
+    bad.unlink()
+    # The same with the manifest, which the index caches.
+    bad = _ckpt(three, 2)
+    _flip(bad, _data_offset(bad, "ckptmgr_manifest") + 7, 1, keep_mtime=True)
+    _assert_falls_back(three, bad, 1)
+
+
+def test_random_bit_flips_in_the_newest_never_give_wrong_data(three: Path) -> None:
+    bad = _ckpt(three, 3)
+    original = bad.read_bytes()
+    rnd = random.Random(7)
+    positions = rnd.sample(range(0, 4096), 40) + rnd.sample(range(len(original) - 2048, len(original)), 30)
+    fell_back = 0
+    for position in positions:
+        data = bytearray(original)
+        data[position] ^= 1 << rnd.randrange(8)
+        bad.write_bytes(bytes(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            restored = CheckpointManager(three, read_only=True).restore()
+        assert all(issubclass(w.category, CheckpointWarning) and str(bad) in str(w.message) for w in caught)
+        expected = 3 if not caught else 2
+        fell_back += bool(caught)
+        assert_tree_equal(restored, state_for(expected, 1000))
+    assert fell_back > 0
+
+
+@pytest.mark.parametrize("keep_fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_truncated_newest_falls_back(three: Path, keep_fraction: float) -> None:
+    bad = _ckpt(three, 3)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: int(len(data) * keep_fraction)])
+    _assert_falls_back(three, bad, 2)
+    with CheckpointManager(three) as mgr, pytest.raises(CorruptCheckpointError, match=str(bad)):
+        mgr.restore(3)
+
+
+def test_all_corrupt(three: Path) -> None:
+    for step in (1, 2, 3):
+        path = _ckpt(three, step)
+        path.write_bytes(path.read_bytes()[:1000])
+    calls = []
+    with CheckpointManager(three) as mgr:
+        with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpointError, match="verifies"):
+            mgr.restore()
+        # Initialising would silently throw the run away.
+        with pytest.warns(CheckpointWarning), pytest.raises(CorruptCheckpointError):
+            mgr.restore_or_initialize(lambda: calls.append(1))
+    assert calls == []
+
+
+def test_a_file_swapped_between_two_steps_is_detected(three: Path) -> None:
+    shutil.copyfile(_ckpt(three, 2), _ckpt(three, 3))
+    with CheckpointManager(three) as mgr:
+        with pytest.raises(CorruptCheckpointError, match=r"holds step 2"):
+            mgr.restore(3)
+        with pytest.warns(CheckpointWarning, match=str(_ckpt(three, 3))):
+            assert_tree_equal(mgr.restore(), state_for(2, 1000))
+    # Both ways round: neither is taken for the other.
+    os.replace(_ckpt(three, 1), three / "tmp")
+    os.replace(_ckpt(three, 2), _ckpt(three, 1))
+    os.replace(three / "tmp", _ckpt(three, 2))
+    with CheckpointManager(three, read_only=True) as reader:
+        for step in (1, 2, 3):
+            with pytest.raises(CorruptCheckpointError, match="holds step"):
+                reader.restore(step)
+
+
+def test_corruption_while_the_writer_is_open(three: Path) -> None:
+    with CheckpointManager(three, monitor="val_loss") as mgr:
+        bad = _ckpt(three, 3)
+        _flip(bad, _data_offset(bad) + 16, 0)
+        with pytest.warns(CheckpointWarning, match=str(bad)):
+            assert_tree_equal(mgr.restore(), state_for(2, 1000))
+        mgr.save(4, state_for(4, 1000), metrics={"val_loss": 0.1})
+        assert_tree_equal(mgr.restore(), state_for(4, 1000))
+
+
+def test_an_empty_file_under_a_checkpoint_name_is_skipped(three: Path) -> None:
+    _ckpt(three, 9).write_bytes(b"")
+    _assert_falls_back(three, _ckpt(three, 9), 3)
+    with CheckpointManager(three, read_only=True) as reader:
+        assert reader.latest is not None and reader.latest.step == 9
+        assert any(r.startswith("corrupt: ") for r in reader.latest.keep_reasons)

@@ -1,6 +1,9 @@
 """Crashes at chosen and at random instants: invariants 1, 2, 5 and 6 under ``kill -9``.
 
-Two harnesses, both on real child processes and real files:
+The crash harness: every test here runs one child program, :func:`_reliability.crash_child`
+(a writer running one of the workloads of ``_reliability.PLANS``, resuming from the
+directory's latest checkpoint and reporting each step once ``save`` returned for it), on
+real files, and checks what a crash leaves with the same reader and writer checks:
 
 - Deterministic crash points. A child runs a workload with every call of the commit
   protocol hooked (write, fsync, rename, directory fsync, index update, delete; for
@@ -12,15 +15,17 @@ Two harnesses, both on real child processes and real files:
   latest checkpoint each time) and the parent kills it at a random instant: during
   start-up and recovery, inside a save, inside retention, inside an index update, inside
   a payload commit, inside the async writer. A shared byte says where each kill landed.
-
-test_crash.py (another harness) kills a plain save loop in subprocesses; this one adds
-the workloads above, the deterministic points and the reader's view right after a kill.
+  Also a plain training loop (``KeepLast(2) | KeepEvery``, sync or async at random),
+  where each kill is also checked exactly as a reader sees it (every file under a
+  checkpoint name complete, every promised step that retention keeps present, the best
+  and the latest restored), and the final writer's tracker is that of a run never killed.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -35,6 +40,7 @@ from _reliability import (
     PLANS,
     ChildRun,
     Marker,
+    Plan,
     check_reader_view,
     check_writer_view,
     codec_sidecar,
@@ -45,9 +51,12 @@ from _reliability import (
     processes,
     record,
     run_child,
+    state_for,
 )
+from _trees import assert_tree_equal
 
 import ckptmgr
+from ckptmgr import codec
 
 # Deterministic workloads: (plan, steps saved before the crash child starts, steps the
 # crash child saves). The first steps are set up once; every crash run starts from a copy.
@@ -162,7 +171,12 @@ def _wait_until(conn: Connection, run: ChildRun, deadline: float) -> bool:
     return True
 
 
-def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter[str]:
+def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int, *, async_share: float = 0.0,
+               exact: bool = False) -> Counter[str]:
+    """Start a writer on the workload, SIGKILL it at a random instant, check the
+    directory (as a reader right after the kill, then as a writer on a copy), ``kills``
+    times. ``async_share``: the share of children saving with ``async_save`` (else the
+    plan's). ``exact``: also :func:`_check_reader_exact` after every kill."""
     plan = PLANS[plan_name]
     directory = tmp_path / plan_name
     marker_path = str(tmp_path / f"{plan_name}.marker")
@@ -175,9 +189,11 @@ def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter
     startup, per_save = 0.05, 0.05
     while findings["kills"] < kills:
         marker.restore(0)
+        options: dict[str, object] = {"marker": marker_path}
+        if async_share:
+            options["async_save"] = rng.random() < async_share
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=crash_child, args=(child, str(directory), plan_name, {"marker": marker_path}),
-                           daemon=True)
+        proc = ctx.Process(target=crash_child, args=(child, str(directory), plan_name, options), daemon=True)
         started = time.monotonic()
         proc.start()
         child.close()
@@ -210,6 +226,8 @@ def _kill_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter
         findings[f"landed: {marker.read()}"] += 1
         promised |= run.promised
         check_reader_view(directory, plan, findings)
+        if exact:
+            _check_reader_exact(directory, plan, promised)
         latest, on_disk = check_writer_view(copy_directory(directory, tmp_path / "check"), plan, promised, findings,
                                             previous=on_disk)
         findings["checkpoints committed"] = latest
@@ -234,3 +252,75 @@ def test_sigkill_at_random_instants_of_every_workload(tmp_path: Path) -> None:
 def test_sigkill_at_random_instants_of_every_workload_long(tmp_path: Path) -> None:
     seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or random.randrange(2**32)
     _kills(tmp_path, SLOW_KILLS, seed, "sigkill-long")
+
+
+# A plain training loop, KeepLast(2) | KeepEvery, checked exactly after every kill.
+
+CKPT_RE = re.compile(r"ckpt-(\d{9,})\.h5")
+OURS = {".ckptmgr.lock", ".ckptmgr-index.json"}
+
+
+def _check_reader_exact(directory: Path, plan: Plan, promised: set[int]) -> None:
+    """Right after a kill, before any writer opens: nothing partial under a checkpoint
+    name (every such file is complete and verifies), nothing else but leftovers of
+    interrupted saves; every promised step that retention keeps (the best, the last
+    ones, the multiples of ``keep_every``) is there; a reader lists exactly these files,
+    names the best, restores each one kept and the latest. Native plans with KeepEvery."""
+    assert not plan.payload and plan.keep_every is not None, plan
+    names = os.listdir(directory) if directory.exists() else []
+    files = {int(m.group(1)): n for n in names if (m := CKPT_RE.fullmatch(n))}
+    strays = [n for n in names if n not in files.values() and n not in OURS and not n.startswith(".ckpt-")]
+    assert strays == [], f"unexpected files {strays}"
+    if not files:
+        assert not promised, f"steps {sorted(promised)} were promised, the directory is empty"
+        return
+    for step, name in files.items():
+        tree, manifest = codec.read_file(directory / name)
+        assert manifest["step"] == step
+        assert_tree_equal(tree, state_for(step, plan.array_len))
+    latest = max(files)
+    assert latest >= max(promised, default=0)
+    # The child resumes after the latest checkpoint, so every step up to it was committed.
+    best = plan.tracker_best(latest)
+    required = {best} | {s for s in promised if s % plan.keep_every == 0 or s > latest - plan.keep_last}
+    missing = sorted(required - set(files))
+    assert missing == [], f"steps {missing} were saved (and retention keeps them) but are gone"
+    with ckptmgr.CheckpointManager(directory, read_only=True) as reader:
+        assert [c.step for c in reader.checkpoints] == sorted(files)
+        assert reader.best is not None and reader.best.step == best
+        for step in sorted(required):
+            assert_tree_equal(reader.restore(step), state_for(step, plan.array_len))
+        assert_tree_equal(reader.restore(), state_for(latest, plan.array_len))
+
+
+def _check_final_writer(directory: Path, plan: Plan) -> None:
+    """A writer opens after the last kill: the lock is free, leftovers go, the best and
+    the patience counter are those of an uninterrupted run."""
+    with plan.open(directory, async_save=False) as mgr:
+        assert [n for n in os.listdir(directory) if n.startswith(".ckpt-")] == []
+        latest = mgr.latest
+        assert latest is not None
+        best = plan.tracker_best(latest.step)
+        tracker = mgr.tracker
+        assert best is not None and tracker is not None
+        assert (tracker.best_step, tracker.best, tracker.wait) == (best, plan.metric(best), latest.step - best)
+
+
+def _plain_loop(tmp_path: Path, plan_name: str, kills: int, seed: int) -> Counter[str]:
+    findings = _kill_loop(tmp_path, plan_name, kills, seed, async_share=0.25, exact=True)
+    _check_final_writer(tmp_path / plan_name, PLANS[plan_name])
+    return findings
+
+
+def test_sigkill_at_random_instants(tmp_path: Path) -> None:
+    findings = _plain_loop(tmp_path, "keep-every-10", kills=32, seed=1234)
+    assert findings["kills"] >= 30
+    assert findings["steps promised"] > findings["kills"]  # the kills landed in a running save loop
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_long(tmp_path: Path) -> None:
+    seed = int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) or random.randrange(2**32)
+    print(f"seed={seed}")
+    findings = _plain_loop(tmp_path, "keep-every-50", kills=300, seed=seed)
+    assert findings["kills"] >= 300

@@ -1,17 +1,21 @@
-"""OS errors at every call of a save, in the foreground and in the background writer (invariant 9).
+"""OS errors, injected at every call of a save and met on real file systems (invariant 9).
 
-Every call a save makes on the checkpoint directory's files goes through
-:class:`_reliability.Hooks` (patched ``os`` functions and the ``open`` of codec and
-storage): each open, write, fsync, rename and unlink is labelled, and the test makes
-exactly one of them fail with EIO, EACCES or ENOSPC, for a native and for a payload
-checkpoint, with ``async_save`` off and on. Whatever call fails, the save either raises
-a :class:`CheckpointIOError` naming the checkpoint and the cause and leaves nothing
-behind, or (a retention delete) commits and warns; nothing earlier is touched, the
-manager's view matches the disk, and the manager saves again at once. A real
-read-only remount (EROFS) and a real full tmpfs (ENOSPC, payloads) complete it.
+The fault harness. An OS error surfaces as a :class:`CheckpointIOError` (a
+CheckpointError and an OSError) naming the path and the cause; no earlier checkpoint is
+touched; the manager stays usable.
 
-test_faults.py (another harness) covers a real full disk for native checkpoints and a
-handful of injected errors; this file enumerates every call.
+- Injected. Every call a save makes on the checkpoint directory's files goes through
+  :class:`_reliability.Hooks` (patched ``os`` functions and the ``open`` of codec and
+  storage): each open, write, fsync, rename and unlink is labelled, and a test makes
+  exactly one of them fail with EIO, EACCES or ENOSPC, for a native and for a payload
+  checkpoint, with ``async_save`` off and on. Whatever call fails, the save either
+  raises a :class:`CheckpointIOError` naming the checkpoint and the cause and leaves
+  nothing behind, or (a retention delete) commits and warns; nothing earlier is touched,
+  the manager's view matches the disk, and the manager saves again at once. Named cases
+  through the same hooks follow: the commit's rename or every fsync failing (EROFS
+  too), the clean-up failing, a retention delete failing, a failed save and the best.
+- Real file systems: a full tmpfs (ENOSPC) under native and payload saves, sync and
+  async; a read-only remount (EROFS) and a read-only bind mount beside a live writer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 from _reliability import (
     MONITOR,
@@ -38,10 +43,19 @@ from _reliability import (
     state_for,
     writes,
 )
-from conftest import assert_tree_equal
+from _trees import assert_tree_equal
 
 import ckptmgr
-from ckptmgr import CheckpointIOError, CheckpointManager, CheckpointWarning, FilePayload, KeepLast
+from ckptmgr import (
+    CheckpointError,
+    CheckpointIOError,
+    CheckpointManager,
+    CheckpointWarning,
+    FilePayload,
+    KeepLast,
+)
+
+Listing = Callable[[Path], list[str]]  # the checkpoint_files and temp_files fixtures
 
 ERRNOS = [errno.EIO, errno.EACCES, errno.ENOSPC]
 METRICS = {1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2, 5: 0.1}
@@ -115,6 +129,23 @@ def _targets(labels: list[str]) -> list[int]:
     hdf5_writes = [n for n, label in enumerate(labels) if label == "write tmp"]
     sampled = {hdf5_writes[0], hdf5_writes[len(hdf5_writes) // 2], hdf5_writes[-1]} if hdf5_writes else set()
     return [n for n, label in enumerate(labels) if label != "write tmp" or n in sampled]
+
+
+def _fail_calls(code: int, *labels: str) -> Callable[[int, str, str], None]:
+    """A ``before`` hook: every call whose label starts with one of ``labels`` fails with ``code``."""
+
+    def before(n: int, label: str, path: str) -> None:
+        if label.startswith(labels):
+            raise OSError(code, os.strerror(code), path)
+
+    return before
+
+
+def _injecting(directory: Path, patch: pytest.MonkeyPatch, code: int, *labels: str) -> Hooks:
+    """Hooks on ``directory`` that fail the calls labelled ``labels`` with ``code``."""
+    hooks = _hooks(directory, patch)
+    hooks.before = _fail_calls(code, *labels)
+    return hooks
 
 
 def _fail_at(target: int, code: int, *, cleanup_fails: bool) -> Callable[[int, str, str], None]:
@@ -265,6 +296,133 @@ def test_index_update_failing_is_harmless(templates: dict[str, Path], tmp_path: 
         "faults injected": len(labels_seen), **Counter(f"injected: {label.split()[0]}" for label in labels_seen)})
 
 
+# --------------------------------------------------------------- named injected cases
+
+
+INJECTED = [
+    pytest.param("rename tmp>ckpt", errno.EACCES, id="replace-EACCES"),
+    pytest.param("rename tmp>ckpt", errno.EIO, id="replace-EIO"),
+    pytest.param("rename tmp>ckpt", errno.EROFS, id="replace-EROFS"),
+    pytest.param("fsync", errno.EIO, id="fsync-EIO"),
+    pytest.param("fsync", errno.ENOSPC, id="fsync-ENOSPC"),
+]
+
+
+@pytest.mark.parametrize(("calls", "code"), INJECTED)
+def test_injected_write_errors(ckpt_dir: Path, checkpoint_files: Listing, temp_files: Listing, calls: str,
+                               code: int) -> None:
+    """The commit's rename, or every fsync, failing: the error names the checkpoint and
+    the cause; nothing earlier is touched (not even by retention), nothing is left."""
+    name = errno.errorcode[code]
+    with CheckpointManager(ckpt_dir, keep=KeepLast(2), monitor="val_loss") as mgr:
+        mgr.save(1, state_for(1, 1000), metrics={"val_loss": 0.5})
+        mgr.save(2, state_for(2, 1000), metrics={"val_loss": 0.6})
+        before = snapshot(ckpt_dir, checkpoint_files(ckpt_dir))
+        with pytest.MonkeyPatch.context() as patch:
+            _injecting(ckpt_dir, patch, code, calls)
+            with pytest.raises(CheckpointIOError) as excinfo:
+                mgr.save(3, state_for(3, 1000), metrics={"val_loss": 0.7})
+        exc = excinfo.value
+        path = str(ckpt_dir / "ckpt-000000003.h5")
+        assert exc.errno == code and exc.filename == path
+        assert path in str(exc) and name in str(exc)
+        assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == code
+        # Nothing earlier was touched (not even by retention), nothing was left behind.
+        assert snapshot(ckpt_dir, checkpoint_files(ckpt_dir)) == before
+        assert temp_files(ckpt_dir) == []
+        assert [c.step for c in mgr.checkpoints] == [1, 2]
+        # Usable again: the retried save commits and retention resumes.
+        mgr.save(3, state_for(3, 1000), metrics={"val_loss": 0.7})
+        mgr.save(4, state_for(4, 1000), metrics={"val_loss": 0.8})
+        assert [c.step for c in mgr.checkpoints] == [1, 3, 4]
+        assert_tree_equal(mgr.restore(), state_for(4, 1000))
+        assert_tree_equal(mgr.restore("best"), state_for(1, 1000))
+
+
+def test_cleanup_failure_leaves_a_leftover_that_the_next_open_removes(ckpt_dir: Path, temp_files: Listing) -> None:
+    with CheckpointManager(ckpt_dir) as mgr:
+        mgr.save(1, state_for(1, 1000))
+        with pytest.MonkeyPatch.context() as patch:
+            hooks = _injecting(ckpt_dir, patch, errno.EIO, "rename tmp>ckpt", "unlink tmp")
+            with pytest.raises(CheckpointIOError, match="EIO"):
+                mgr.save(2, state_for(2, 1000))
+        assert "unlink tmp" in hooks.labels
+        assert len(temp_files(ckpt_dir)) == 1  # the temporary file could not be removed
+        assert [c.step for c in mgr.checkpoints] == [1]
+        # The leftover is never mistaken for a checkpoint.
+        assert_tree_equal(mgr.restore(), state_for(1, 1000))
+    with CheckpointManager(ckpt_dir) as mgr:
+        assert temp_files(ckpt_dir) == []
+        assert [c.step for c in mgr.checkpoints] == [1]
+
+
+def test_retention_delete_failure_warns_and_is_retried(ckpt_dir: Path, checkpoint_files: Listing) -> None:
+    with CheckpointManager(ckpt_dir, keep=KeepLast(1)) as mgr:
+        mgr.save(1, state_for(1, 1000))
+        with pytest.MonkeyPatch.context() as patch:
+            _injecting(ckpt_dir, patch, errno.EACCES, "unlink ckpt")
+            with pytest.warns(CheckpointWarning, match=r"cannot delete .*ckpt-000000001\.h5.*Permission denied"):
+                info = mgr.save(2, state_for(2, 1000))
+        assert info is not None  # the save itself succeeded
+        reasons = {c.step: c.keep_reasons for c in mgr.checkpoints}
+        assert reasons[2] == ("latest", "last 1")
+        assert len(reasons[1]) == 1 and reasons[1][0].startswith("not deleted:")
+        mgr.save(3, state_for(3, 1000))
+        assert [c.step for c in mgr.checkpoints] == [3]
+    assert checkpoint_files(ckpt_dir) == ["ckpt-000000003.h5"]
+
+
+def test_directory_that_cannot_be_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointIOError, match=str(blocker)):
+        CheckpointManager(blocker)
+    with pytest.raises(CheckpointIOError, match=str(blocker / "sub")):
+        CheckpointManager(blocker / "sub")
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:  # the directory is not there to hook
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(CheckpointIOError, match="EROFS") as excinfo:
+        CheckpointManager(tmp_path / "new")
+    assert excinfo.value.errno == errno.EROFS and str(tmp_path / "new") in str(excinfo.value)
+
+
+def test_failed_save_does_not_count_as_best(ckpt_dir: Path) -> None:
+    with CheckpointManager(ckpt_dir, monitor="val_loss", best_only=True) as mgr:
+        mgr.save(1, state_for(1, 1000), metrics={"val_loss": 0.5})
+        with pytest.MonkeyPatch.context() as patch:
+            _injecting(ckpt_dir, patch, errno.EIO, "rename tmp>ckpt")
+            with pytest.raises(CheckpointIOError):
+                mgr.save(2, state_for(2, 1000), metrics={"val_loss": 0.3})
+        # Retrying the step saves it: no checkpoint holds that value yet, so it still improves.
+        assert mgr.save(2, state_for(2, 1000), metrics={"val_loss": 0.3}) is not None
+        assert mgr.best is not None and mgr.best.step == 2
+
+
+def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a file the OS cannot read (EIO, EACCES) is an I/O error, not corruption:
+    the manager does not skip past it as if it were damaged."""
+    run = tmp_path / "run"
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, {"a": 1})
+        mgr.save(2, {"a": 2})
+    real = h5py.File
+
+    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(path).endswith("ckpt-000000002.h5"):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", failing)
+    reader = CheckpointManager(run, read_only=True)
+    with pytest.raises(ckptmgr.CheckpointIOError, match="EIO") as excinfo:
+        reader.restore()
+    assert str(run / "ckpt-000000002.h5") in str(excinfo.value)
+    assert reader.restore(1) == {"a": 1}
+
+
 # ------------------------------------------------------------- real file systems
 
 
@@ -288,6 +446,101 @@ def tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Callable[[str], None]]]:
         done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=60)
+
+
+def open_fds_under(directory: Path) -> list[str]:
+    """Files this process still has open under ``directory`` (a leaked HDF5 handle, say)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)) and not target.endswith(".ckptmgr.lock"):
+            out.append(target)
+    return out
+
+
+def many_leaves(step: int, n: int) -> dict[str, Any]:
+    return {"step": step, "leaves": {f"k{i}": np.full(40, step + i, dtype=np.int32) for i in range(n)}}
+
+
+DISK_FULL_STATES = [
+    pytest.param("2m", lambda step: state_for(step, 40_000), id="320KB-arrays"),
+    pytest.param("2m", lambda step: state_for(step, 110_000), id="880KB-arrays"),
+    pytest.param("2m", lambda step: state_for(step, 300_000), id="too-big-for-the-disk"),
+    pytest.param("2m", lambda step: state_for(step, 9_000), id="72KB-arrays"),
+    pytest.param("160k", lambda step: many_leaves(step, 100), id="metadata-heavy"),
+]
+
+
+@pytest.mark.parametrize(("size", "make_state"), DISK_FULL_STATES)
+def test_disk_full(tmpfs: tuple[Path, Callable[[str], None]], checkpoint_files: Listing, temp_files: Listing,
+                   size: str, make_state: Callable[[int], Any]) -> None:
+    mnt, remount = tmpfs
+    remount(f"size={size}")
+    mgr = CheckpointManager(mnt, monitor="val_loss")
+    saved: list[int] = []
+    with pytest.raises(CheckpointIOError) as excinfo:
+        for step in range(1000):
+            mgr.save(step, make_state(step), metrics={"val_loss": 1.0 / (step + 1)})
+            saved.append(step)
+    failed = len(saved)
+    exc = excinfo.value
+    assert isinstance(exc, CheckpointError) and isinstance(exc, OSError)
+    assert exc.errno == errno.ENOSPC
+    path = str(mnt / f"ckpt-{failed:09d}.h5")
+    assert exc.filename == path
+    assert path in str(exc) and "ENOSPC" in str(exc)
+    # Every earlier checkpoint is intact; nothing of the failed one is left behind.
+    assert [c.step for c in mgr.checkpoints] == saved
+    assert checkpoint_files(mnt) == [f"ckpt-{s:09d}.h5" for s in saved]
+    assert temp_files(mnt) == []
+    assert open_fds_under(mnt) == []
+    for step in saved:
+        assert_tree_equal(mgr.restore(step), make_state(step))
+    # Once there is room, the same manager saves again.
+    remount("size=16m")
+    assert mgr.save(failed, make_state(failed), metrics={"val_loss": 0.0}) is not None
+    assert_tree_equal(mgr.restore(), make_state(failed))
+    assert mgr.best is not None and mgr.best.step == failed
+    mgr.close()
+    with CheckpointManager(mnt, read_only=True) as reader:
+        assert [c.step for c in reader.checkpoints] == [*saved, failed]
+
+
+def test_disk_full_in_the_background_writer(tmpfs: tuple[Path, Callable[[str], None]], temp_files: Listing) -> None:
+    mnt, remount = tmpfs
+    remount("size=2m")
+    mgr = CheckpointManager(mnt, async_save=True)
+    saved: list[int] = []
+    with pytest.raises(CheckpointIOError) as excinfo:
+        for step in range(100):
+            mgr.save(step, state_for(step, 40_000))
+            mgr.wait()
+            saved.append(step)
+    assert excinfo.value.errno == errno.ENOSPC and "ENOSPC" in str(excinfo.value)
+    assert [c.step for c in mgr.checkpoints] == saved
+    assert temp_files(mnt) == []
+    remount("size=16m")
+    mgr.save(len(saved), state_for(len(saved), 40_000))
+    mgr.close()
+    with CheckpointManager(mnt, read_only=True) as reader:
+        assert_tree_equal(reader.restore(), state_for(len(saved), 40_000))
+
+
+def test_disk_full_is_survived_by_a_new_writer_too(tmpfs: tuple[Path, Callable[[str], None]]) -> None:
+    mnt, remount = tmpfs
+    remount("size=2m")
+    with CheckpointManager(mnt) as mgr, pytest.raises(CheckpointIOError):
+        for step in range(100):
+            mgr.save(step, state_for(step, 40_000))
+    remount("size=16m")
+    with CheckpointManager(mnt) as mgr:
+        steps = [c.step for c in mgr.checkpoints]
+        assert steps == list(range(len(steps))) and steps
+        for step in steps:
+            assert_tree_equal(mgr.restore(step), state_for(step, 40_000))
 
 
 def test_read_only_remount(tmpfs: tuple[Path, Callable[[str], None]]) -> None:
@@ -386,25 +639,3 @@ def test_disk_full_during_payload_saves(tmpfs: tuple[Path, Callable[[str], None]
         for s in [*saved, step]:
             assert reader.restore(s).read_bytes() == payload_bytes(s, 150_000)
     record("faults", f"disk-full-payload[{mode}]", {"saves before ENOSPC": len(saved)})
-
-
-def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reading a file the OS cannot read (EIO, EACCES) is an I/O error, not corruption:
-    the manager does not skip past it as if it were damaged."""
-    run = tmp_path / "run"
-    with CheckpointManager(run) as mgr:
-        mgr.save(1, {"a": 1})
-        mgr.save(2, {"a": 2})
-    real = h5py.File
-
-    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
-        if os.fspath(path).endswith("ckpt-000000002.h5"):
-            raise OSError(errno.EIO, "Input/output error", os.fspath(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(h5py, "File", failing)
-    reader = CheckpointManager(run, read_only=True)
-    with pytest.raises(ckptmgr.CheckpointIOError, match="EIO") as excinfo:
-        reader.restore()
-    assert str(run / "ckpt-000000002.h5") in str(excinfo.value)
-    assert reader.restore(1) == {"a": 1}

@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 import pytest
 from _reliability import MONITOR, OutsideWatch, codec_sidecar, processes, record, state_for, writes
-from conftest import assert_tree_equal
+from _trees import assert_tree_equal
 
 import ckptmgr
 from ckptmgr import (

@@ -126,8 +126,8 @@ MANAGER: list[dict[str, str]] = [
         "id": "M3", "where": "manager._best_locked / restore('best')", "test": "test_reliability_corruption::test_restore_best_when_the_best_is_damaged",
         "what": "restore('best') silently returned the runner-up when the best checkpoint's metadata was damaged, "
                 "although the tracker said which step was best (restore(step) raises, restore() warns).",
-        "fix": "A damaged best stays the best, so restore('best') raises CorruptCheckpointError (or warns before "
-               "falling back).",
+        "fix": "A damaged best stays the best, so restore('best') raises CorruptCheckpointError naming its file "
+               "(readers and writers alike; no fallback, no warning instead).",
     },
     {
         "id": "M4", "where": "manager._committed", "test": "test_reliability_corruption::test_resuming_below_a_damaged_newest_checkpoint",
@@ -182,7 +182,7 @@ NOTICED: list[str] = [
     "**A real read-only remount is impossible under a live writer.** Linux refuses `remount,ro` while a file "
     "is open for writing, and the writer holds its lock file open. So the remount is tested with writers "
     "closed, beside a live writer through a read-only bind mount, and under a live writer with injected EROFS "
-    "(test_faults.py).",
+    "(test_reliability_faults.py).",
     "**A payload writer is user code and follows symbolic links.** A link planted at the payload's temporary "
     "name would be written through before the commit refuses the non-regular result. The names carry 64 "
     "random bits, so nobody can plant one in advance. Native checkpoints, commit records and the index create "
@@ -220,9 +220,11 @@ Checked by `tests/test_durability.py`, which records the order of `mkdir`, `rena
 INVARIANTS = [
     ("1. final name only when complete and durable", "crash points before/after write, fsync, rename, dir fsync; random kills; "
      "order of mkdir/rename/directory fsync (test_durability.py); power-cut replay (test_powercut.py)"),
-    ("2. killed at any instant: every promised checkpoint survives, leftovers ignored and cleaned", "crash points; random kills (reader view before recovery, writer view after)"),
+    ("2. killed at any instant: every promised checkpoint survives, leftovers ignored and cleaned", "crash points; random kills (reader view before recovery, writer view after; "
+     "a KeepLast | KeepEvery training loop checked exactly after each kill)"),
     ("3. metadata in every checkpoint; index is a rebuildable cache", "crash points at the index update; fuzz (tampered/garbled index); index faults"),
-    ("4. restore verifies; fallback with a warning; restore(step) raises", "fuzz (1,000+ damages); hostile files in a directory"),
+    ("4. restore verifies; fallback with a warning; restore(step) raises", "fuzz (1,000+ damages); hand-made damages (bit flips, truncation, swapped and empty files); "
+     "hostile files in a directory"),
     ("5. retention only after commit, never the latest or best", "crash points inside retention; random kills (model of what must remain)"),
     ("6. best, its step and patience survive restarts", "every crash check compares the tracker with an uninterrupted run"),
     ("7. one writer; readers need no lock", "contending writers; take-over after kills mid-save; reader processes"),
@@ -492,8 +494,8 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
     out.append(_table(["DESIGN.md invariant", "Exercised by"], [[a, b] for a, b in INVARIANTS]) + "\n")
     out.append("## Time per file (this run)\n")
     out.append(_table(["File", "Seconds"], [[k, f"{v:.0f}"] for k, v in sorted(junit["time"].items())]) + "\n")
-    out.append("Other harnesses that this one builds on, and does not repeat: tests/test_crash.py, test_faults.py, "
-               "test_lock.py, test_manager.py, test_codec.py.\n")
+    out.append("Other harnesses that this one builds on, and does not repeat: tests/test_lock.py, "
+               "test_manager.py, test_codec.py, test_durability.py, test_powercut.py.\n")
     return "\n".join(out)
 
 
