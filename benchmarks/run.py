@@ -496,7 +496,7 @@ def _populate(directory: Path, count: int, rng: np.random.Generator) -> None:
     now = time.time() - count
     for step in range(1, count + 1):
         meta = {"step": step, "time": now + step, "metrics": {"val_loss": float(rng.random())}, "tracker": None}
-        codec.write_file(directory / storage.checkpoint_name(step), state, meta)
+        codec.write_file(directory / storage.checkpoint_name(step), state, meta, writeback=storage.Writeback)
 
 
 def bench_bookkeeping(counts: list[int], saves: int, base: Path) -> dict[str, Any]:
@@ -523,7 +523,7 @@ def bench_bookkeeping(counts: list[int], saves: int, base: Path) -> dict[str, An
                 mgr.save(step, state, metrics={"val_loss": float(rng.random())})
                 save_t.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                storage.write_atomic(directory, "bare.h5", lambda tmp: codec.write_file(tmp, state, {"step": 0}))
+                storage.write_atomic(directory, "bare.h5", lambda tmp: codec.write_file(tmp, state, {"step": 0}, writeback=storage.Writeback))
                 raw_t.append(time.perf_counter() - t0)
             present = len(mgr.checkpoints)
             n = 2000

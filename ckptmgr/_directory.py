@@ -105,7 +105,7 @@ class CheckpointDirectory:
     def _recover(self) -> None:
         """Writer only, at open: finish or discard interrupted saves and rollbacks."""
         try:
-            storage.recover_commits(self.path, codec.decode_sidecar, codec.checksum)
+            storage.recover_commits(self.path, decode_sidecar, codec.checksum)
             storage.remove_leftovers(self.path)
             storage.finish_rollback(self.path)
         except OSError as exc:
@@ -219,7 +219,7 @@ class CheckpointDirectory:
     def _read_entry_meta(self, entry: storage.Entry) -> dict[str, Any]:
         path = self.path / entry.name
         if entry.step is None:
-            return meta_subset(codec.decode_sidecar(storage.read_small(path), str(path)))
+            return meta_subset(decode_sidecar(storage.read_small(path), str(path)))
         manifest = codec.read_meta(path)
         if manifest.get("step") != entry.step:
             raise CorruptCheckpointError(f"{path}: holds step {manifest.get('step')!r}, its name says {entry.step}")
@@ -255,7 +255,7 @@ class CheckpointDirectory:
     def commit_tree(self, step: int, state: Any, meta: dict[str, Any]) -> Record:
         """Write ``state`` as the checkpoint of ``step``: atomic and durable."""
         name = storage.checkpoint_name(step)
-        nbytes = storage.write_atomic(self.path, name, lambda tmp: codec.write_file(tmp, state, meta))
+        nbytes = storage.write_atomic(self.path, name, lambda tmp: codec.write_file(tmp, state, meta, writeback=storage.Writeback))
         meta = dict(meta, nbytes=nbytes)
         return Record(self.info(name, meta), meta)
 
@@ -367,12 +367,12 @@ class CheckpointDirectory:
         """
         assert record.sidecar is not None
         name = record.info.path.name
-        for pending in storage.pending_commits(self.path, codec.decode_sidecar):
+        for pending in storage.pending_commits(self.path, decode_sidecar):
             if (pending.get("name"), pending.get("size"), pending.get("crc32")) == (name, size, crc):
                 meta = meta_subset(pending)
                 return Record(self.info(name, meta, record.sidecar), meta, sidecar=record.sidecar)
         try:
-            now = codec.decode_sidecar(storage.read_small(self.path / record.sidecar))
+            now = decode_sidecar(storage.read_small(self.path / record.sidecar))
         except (OSError, CorruptCheckpointError):
             return None
         if (now.get("name"), now.get("size"), now.get("crc32")) == (name, size, crc):
@@ -384,7 +384,7 @@ class CheckpointDirectory:
         path = record.info.metadata_path or record.info.path
         try:
             if record.sidecar is not None:
-                meta = codec.decode_sidecar(storage.read_small(path), str(path))
+                meta = decode_sidecar(storage.read_small(path), str(path))
                 return CheckpointDescription(record.info, meta, None)
             manifest = codec.read_meta(path)
             leaves = tuple(codec.describe_leaves(manifest, str(path)))
@@ -407,6 +407,22 @@ class CheckpointDirectory:
 
     def rolled_back(self) -> list[Path]:
         return storage.rolled_back_folders(self.path)
+
+
+def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
+    """A payload's metadata file, checked (codec), naming a payload file of ours.
+
+    Raises:
+        CorruptCheckpointError: damaged or malformed, or its payload name is not a plain
+            file name here ("../x" or "a/b" would make readers verify and return, and
+            retention delete, a file elsewhere).
+    """
+    meta = codec.decode_sidecar(blob, where)
+    try:
+        storage.check_payload_name(meta["name"])
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: malformed metadata (payload name {meta['name']!r})") from exc
+    return meta
 
 
 def reason_of(exc: BaseException) -> str:

@@ -483,7 +483,7 @@ class Hooks:
         if self.opens:
             setattr(os, "open", os_open)
         if self.writes == "calls" or self.opens:
-            for module in (codec, storage):
+            for module in (codec, codec._write, storage):  # wherever files are opened with open()
                 setattr(module, "open", self._wrapping_open())
 
     def _wrapping_open(self) -> Callable[..., Any]:

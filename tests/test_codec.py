@@ -298,7 +298,7 @@ def test_a_tree_whose_manifest_readers_would_refuse_is_not_written(
     # small tree crosses it. Readers apply the same constant.
     with ckptmgr.CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"ok": np.ones(3)})
-        monkeypatch.setattr(codec, "MAX_MANIFEST_BYTES", 4096)
+        monkeypatch.setattr(codec._format, "MAX_MANIFEST_BYTES", 4096)
         vocab = {f"token-{i}": i for i in range(500)}
         with pytest.raises(ValueError, match=r"^Expected a state tree whose description .* 500 leaves"):
             mgr.save(2, {"vocab": vocab})
@@ -605,13 +605,13 @@ def test_the_disk_is_started_on_each_early_slab_then_kicked_every_32_mib(
         monkeypatch.setattr(storage.Writeback, name, spy)
     mib = 1024 * 1024
     small = {"w": np.arange(4 * mib, dtype=np.float32)}
-    codec.write_file(tmp_path / "small.h5", small, {"step": 1})
+    codec.write_file(tmp_path / "small.h5", small, {"step": 1}, writeback=storage.Writeback)
     assert [name for name, _ in calls] == ["start"] * 4
     assert all(size >= n * 4 * mib for n, (_, size) in enumerate(calls, 1))
     assert_tree_equal(codec.read_file(tmp_path / "small.h5")[0], small)
     calls.clear()
     big = {"a": np.arange(5 * mib, dtype=np.float64), "b": np.ones((3, 10 * mib), np.uint8)}  # 40 + 30 MiB
-    codec.write_file(tmp_path / "big.h5", big, {"step": 1})
+    codec.write_file(tmp_path / "big.h5", big, {"step": 1}, writeback=storage.Writeback)
     assert [name for name, _ in calls] == ["start"] * 7 + ["kick", "kick"]
     assert_tree_equal(codec.read_file(tmp_path / "big.h5")[0], big)
 
@@ -632,11 +632,11 @@ def test_a_failure_to_start_the_disk_fails_the_save_unless_unsupported(
     tree = {"w": np.ones(4 * 1024 * 1024, np.float32)}
     if fails:
         with pytest.raises(OSError) as excinfo:
-            codec.write_file(tmp_path / "x.h5", tree, {"step": 1})
+            codec.write_file(tmp_path / "x.h5", tree, {"step": 1}, writeback=storage.Writeback)
         assert excinfo.value.errno == code
         with ckptmgr.CheckpointManager(tmp_path / "run") as mgr, pytest.raises(ckptmgr.CheckpointIOError):
             mgr.save(1, tree)
         assert list((tmp_path / "run").glob(".ckpt-*")) == []
     else:
-        codec.write_file(tmp_path / "x.h5", tree, {"step": 1})
+        codec.write_file(tmp_path / "x.h5", tree, {"step": 1}, writeback=storage.Writeback)
         assert_tree_equal(codec.read_file(tmp_path / "x.h5")[0], tree)

@@ -1,0 +1,544 @@
+"""State trees to and from HDF5 files — the only package that knows HDF5.
+
+Modules: ``_format`` (constants, checksums, dtype names), ``_tree`` (a tree <-> its
+description and arrays; selections), ``_write`` (writing a file), this module (reading
+and verifying one), ``_sidecar`` (a payload's metadata file).
+
+On-disk layout of one checkpoint file (readable with plain h5py)::
+
+    /                         attrs: ckptmgr_format = 1, ckptmgr_manifest_crc32 = <int>
+    /ckptmgr_manifest         uint8 dataset: UTF-8 JSON manifest (see below)
+    /state                    the tree: a group per dict/list/tuple, a dataset per leaf
+    /state/params/w           e.g. state["params"]["w"]
+    /state/opt/0              list and tuple items are named by index
+    /state/~3                 a dict key that is not a plain name (has "/", starts with
+                              ".", ...) is stored under "~<position>"; its real key is
+                              in the manifest
+
+The manifest holds the checkpoint's own metadata (``step``, ``time``, ``metrics``,
+``tracker``, ``nbytes``, ``checksum``) and ``tree``, the authoritative description of
+the state: container types, dict keys in order, and for each leaf its kind, dtype,
+shape and checksum. Leaves are stored as:
+
+==========  ====================================================================
+kind        dataset
+==========  ====================================================================
+ndarray     the array itself (any int/uint/float/complex width, bool); dtypes
+            HDF5 cannot describe (bfloat16 and other ml_dtypes) are stored as raw
+            bytes, ``uint8`` with a trailing axis of the item size
+npscalar    a 0-d dataset of the scalar's dtype
+bool        0-d bool; ``int`` 0-d int64; ``float`` 0-d float64; ``complex``
+            0-d complex128
+bigint      a Python int outside int64: uint8 two's-complement, little-endian
+str         uint8, UTF-8 bytes; ``bytes``: uint8
+none        no dataset
+==========  ====================================================================
+
+Checksums: the manifest's ``checksum`` names the algorithm of the leaves' ``crc``
+values. Files are written with ``"crc32c"`` (CRC-32C, Castagnoli, hardware-accelerated
+through the ``crc32c`` package: about 13 GB/s against zlib's 2-3 GB/s, which made
+verification cost more than the read itself) and with ``"crc32"`` (zlib) where that
+package is missing; both are read, so files of either kind (and every file written
+before CRC-32C was adopted, all ``"crc32"``) stay readable and verified. The manifest's
+own ``ckptmgr_manifest_crc32`` and payload sidecars stay zlib CRC-32.
+
+Writing is one large contiguous write per array (slabs for big ones, each checksummed
+just before it is written, while it is in cache), and the disk starts on the data
+while the rest is still being copied (the storage layer's writeback, injected): on each 4 MiB of
+the first 32 MiB as soon as it is written, then every 32 MiB.
+
+Reading goes the other way: a leaf whose bytes HDF5 would copy unchanged (a plain
+contiguous dataset) is read with pread straight from the descriptor HDF5 opened,
+into its final array, in 1 MiB slabs each checksummed while it is still in cache, so
+verifying costs a few percent of the read. Other leaves (bools, compact datasets, a
+non-default HDF5 driver) go through HDF5's own read.
+
+Reading never unpickles, follows no soft or external link, refuses virtual and
+externally stored datasets, object and variable-length dtypes, and only allocates
+what the file actually stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import h5py
+import numpy as np
+from h5py import h5a, h5d, h5fd, h5g, h5l, h5s, h5t
+
+from ..errors import CorruptCheckpointError
+from . import _format
+from ._format import (
+    _KNOWN_LEAF_CHECKSUMS,
+    _READ_SLAB_BYTES,
+    CHECKSUM_NAME,
+    FORMAT_VERSION,
+    LEAF_CHECKSUM_NAME,
+    MANIFEST,
+    MAX_DEPTH,
+    MAX_MANIFEST_BYTES,
+    MAX_NDIM,
+    STATE,
+    Tree,
+    _dtype_from_str,
+    _is_raw,
+    _leaf_checksum,
+    checksum,
+)
+from ._sidecar import decode_sidecar, encode_sidecar
+from ._tree import (
+    EncodedTree,
+    Selection,
+    SelectionError,
+    _build,
+    _validate_shape,
+    describe_leaves,
+    encode_tree,
+    iter_leaves,
+    selection,
+)
+from ._write import Writeback, _contiguous_bytes, write_file
+
+__all__ = [
+    "CHECKSUM_NAME",
+    "FORMAT_VERSION",
+    "LEAF_CHECKSUM_NAME",
+    "MANIFEST",
+    "MAX_DEPTH",
+    "MAX_MANIFEST_BYTES",
+    "MAX_NDIM",
+    "STATE",
+    "EncodedTree",
+    "Selection",
+    "SelectionError",
+    "Tree",
+    "Writeback",
+    "checksum",
+    "decode_sidecar",
+    "describe_leaves",
+    "encode_sidecar",
+    "encode_tree",
+    "iter_leaves",
+    "read_file",
+    "read_meta",
+    "selection",
+    "verify_file",
+    "write_file",
+]
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """Turn what h5py raises on a damaged file into CorruptCheckpointError.
+
+    h5py reports damaged metadata (a flipped bit in a B-tree, an object header, a
+    datatype message) as KeyError, RuntimeError, TypeError or ValueError, and as an
+    OSError without an errno; callers must be able to tell "corrupt, fall back" from
+    "the OS failed", so only OSErrors with an errno pass through.
+    """
+    try:
+        yield
+    except (CorruptCheckpointError, SelectionError):
+        raise
+    except (KeyError, RuntimeError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
+    except OSError as exc:
+        # FileNotFoundError: deleted under a reader by the writer's retention (the
+        # caller lists again); _open raises it without an errno.
+        if exc.errno or isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise CorruptCheckpointError(f"{where}: damaged HDF5 structure ({exc})") from exc
+
+
+# ------------------------------------------------------------------------ decoding
+#
+# Reading opens the file with h5py and does the rest with h5py's low-level API (h5g,
+# h5l, h5a, h5d): its high-level objects make property lists and wrappers on every
+# access (a dataset's is_virtual, external, chunks and compression each make a
+# creation property list; so does opening it), which cost about 0.3 ms a leaf, most of
+# reading a checkpoint of small arrays, and half of read_meta. Here a dataset is opened
+# once, by a link checked to be a hard one, its storage checked with one creation
+# property list, and the groups above it stay open for the next leaf.
+
+_INT64 = h5t.py_create(np.dtype(np.int64))
+_memory_types: dict[np.dtype[Any], Any] = {}
+_LINK_KINDS = {h5l.TYPE_SOFT: "SoftLink", h5l.TYPE_EXTERNAL: "ExternalLink"}
+
+
+def _open(path: str | os.PathLike[str]) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not os.path.exists(path):
+            raise FileNotFoundError(str(path)) from exc
+        if isinstance(exc, PermissionError) or (exc.errno is not None and exc.errno != 0):
+            raise
+        raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable HDF5 file ({exc})") from exc
+
+
+class _File:
+    """A checkpoint file open for reading; a context manager that closes all it opened.
+
+    :meth:`dataset` opens a leaf by its path, following hard links only, and keeps the
+    groups on that path open: the next leaf, usually a sibling, reuses them.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.where = os.fspath(path)
+        self.id = _open(path).id
+        self.size = 0
+        self._groups: list[tuple[str, Any]] = [("", self.id)]  # open groups, root first
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Every object opened in the file is closed where it was opened (the groups
+        # here), so closing the file's identifier closes the file; h5py.File.close()
+        # would first search the library for objects still open (about 50 us).
+        for _name, gid in reversed(self._groups[1:]):
+            gid.close()
+        del self._groups[1:]
+        self.id.close()
+
+    def filesize(self) -> int:
+        if not self.size:
+            self.size = int(self.id.get_filesize())
+        return self.size
+
+    def child(self, gid: Any, name: str, open_as: Callable[[Any, bytes], Any], wrong_kind: str) -> Any:
+        """Open ``gid``'s member ``name`` with ``open_as`` (``h5g.open`` or ``h5d.open``).
+
+        Soft, external and user-defined links are refused, never followed; a member of
+        the wrong kind is refused with the message ``wrong_kind``.
+        """
+        key = name.encode("utf-8", "surrogatepass")
+        try:
+            kind = gid.links.get_info(key).type
+        except RuntimeError:  # HDF5's "name doesn't exist"
+            raise CorruptCheckpointError(f"{self.where}: missing {name!r}") from None
+        if kind != h5l.TYPE_HARD:
+            link = _LINK_KINDS.get(kind, "user-defined link")
+            raise CorruptCheckpointError(f"{self.where}: {name!r} is a {link}, refused")
+        try:
+            return open_as(gid, key)
+        except (KeyError, ValueError) as exc:  # HDF5's "not a dataset", "not a group"
+            raise CorruptCheckpointError(f"{self.where}: {wrong_kind}") from exc
+
+    def dataset(self, h5path: str) -> Any:
+        """The dataset at ``h5path`` (absolute, as the tree names it), opened."""
+        parts = h5path.split("/")  # "", "state", ..., leaf
+        groups = self._groups
+        keep = 1
+        limit = min(len(groups), len(parts) - 1)
+        while keep < limit and groups[keep][0] == parts[keep]:
+            keep += 1
+        for _name, gid in reversed(groups[keep:]):
+            gid.close()
+        del groups[keep:]
+        for part in parts[keep:-1]:
+            groups.append((part, self.child(groups[-1][1], part, h5g.open, f"{h5path} is not where the tree says")))
+        return self.child(groups[-1][1], parts[-1], h5d.open, f"{h5path} is not a dataset")
+
+
+def _int_attribute(f: _File, name: bytes) -> int | str | None:
+    """The root's integer scalar attribute ``name``; None if missing; a description if it is
+    something else (never read: it could be a reference or a variable-length string)."""
+    if not h5a.exists(f.id, name):
+        return None
+    aid = h5a.open(f.id, name)
+    try:
+        tid = aid.get_type()
+        if tid.get_class() != h5t.INTEGER:
+            return f"a non-integer attribute (HDF5 type class {tid.get_class()})"
+        if aid.get_space().get_simple_extent_type() != h5s.SCALAR:
+            return "an attribute that is not a scalar"
+        value = np.empty((), np.int64)
+        aid.read(value, mtype=_INT64)  # any integer type converts; uint32 exactly
+        return int(value)
+    finally:
+        aid.close()
+
+
+def _read_manifest(f: _File) -> dict[str, Any]:
+    where = f.where
+    fmt = _int_attribute(f, b"ckptmgr_format")
+    if fmt is None:
+        raise CorruptCheckpointError(f"{where}: not a ckptmgr checkpoint (no ckptmgr_format)")
+    if fmt != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"{where}: unsupported format version {fmt!r}")
+    h5path = "/" + MANIFEST
+    ds = f.child(f.id, MANIFEST, h5d.open, "malformed manifest")
+    try:
+        shape = ds.shape
+        if shape is None or len(shape) != 1 or not ds.get_type().equal(_memory_type(np.dtype(np.uint8))):
+            raise CorruptCheckpointError(f"{where}: malformed manifest")
+        size = shape[0]
+        _check_dataset_storage(ds, size, where, h5path)
+        if size > _format.MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{where}: manifest too large ({size} bytes)")
+        buffer = np.empty(size, np.uint8)
+        if size:
+            ds.read(h5s.ALL, h5s.ALL, buffer)
+    finally:
+        ds.close()
+    blob = buffer.tobytes()
+    expected = _int_attribute(f, b"ckptmgr_manifest_crc32")
+    if type(expected) is not int or checksum(blob) != expected:
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch")
+    try:
+        manifest = json.loads(blob.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("checksum") not in _KNOWN_LEAF_CHECKSUMS:
+        raise CorruptCheckpointError(f"{where}: malformed manifest")
+    return manifest
+
+
+def _check_dataset_storage(ds: Any, nbytes: int, where: str, h5path: str) -> None:
+    """Refuse all but plain contiguous or compact storage of exactly ``nbytes`` bytes."""
+    dcpl = ds.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5d.VIRTUAL or dcpl.get_external_count():
+        raise CorruptCheckpointError(f"{where}: {h5path} uses external or virtual storage, refused")
+    if layout not in (h5d.CONTIGUOUS, h5d.COMPACT) or dcpl.get_nfilters():
+        raise CorruptCheckpointError(f"{where}: {h5path} has an unexpected layout")
+    if nbytes and ds.get_storage_size() != nbytes:
+        raise CorruptCheckpointError(
+            f"{where}: {h5path} stores {ds.get_storage_size()} bytes, expected {nbytes}"
+        )
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a checkpoint file, checksum-verified, without reading arrays.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: not a ckptmgr file, or its manifest is damaged.
+        OSError: the file could not be read.
+    """
+    with _reading(os.fspath(path)), _File(path) as f:
+        return _read_manifest(f)
+
+
+def _direct_fd(f: _File) -> int | None:
+    """The descriptor HDF5 reads ``f`` through, where leaves can be read from it directly."""
+    # HDF5_DRIVER can pick another driver for the whole process.
+    if f.id.get_access_plist().get_driver() != h5fd.SEC2:
+        return None
+    handle = f.id.get_vfd_handle()
+    return handle if type(handle) is int else None
+
+
+def _memory_type(dtype: np.dtype[Any]) -> Any:
+    """HDF5's type for ``dtype`` in memory (what a read converts to), made once per dtype."""
+    tid = _memory_types.get(dtype)
+    if tid is None:
+        tid = _memory_types[dtype] = h5t.py_create(dtype)
+    return tid
+
+
+def _direct_offset(ds: Any, dtype: np.dtype[Any], nbytes: int, f: _File, h5path: str) -> int | None:
+    """Where ``ds``'s bytes start in the file, when they are the array's bytes as they are.
+
+    That is a contiguous dataset (chunked, filtered, external and virtual ones are
+    refused before this) whose file type is ``dtype``'s own, which HDF5 would copy
+    without converting it (the caller checks). Bools keep HDF5's read; a compact
+    dataset (stored in its header) has no offset.
+    """
+    if dtype.kind == "b":
+        return None
+    offset = ds.get_offset()
+    if offset is None:
+        return None
+    if offset + nbytes > f.filesize():
+        raise CorruptCheckpointError(f"{f.where}: {h5path} runs past the end of the file")
+    return int(offset)
+
+
+def _pread_checked(
+    fd: int, offset: int, flat: np.ndarray[Any, Any], crc: Callable[[Any, int], int] | None, where: str,
+    h5path: str,
+) -> int:
+    """Read ``flat.nbytes`` bytes at ``offset`` into ``flat``; return their checksum (0 without ``crc``).
+
+    In slabs the size of a core's L2 cache, each checksummed as soon as it is read: the
+    CRC then reads the slab from cache at twice the speed it reads memory, and costs
+    a few percent of the read instead of a second pass over the whole state.
+    """
+    view = flat.data
+    value = 0
+    done = 0
+    total = len(view)
+    while done < total:
+        stop = min(done + _READ_SLAB_BYTES, total)
+        got = os.preadv(fd, [view[done:stop]], offset + done)
+        if got <= 0:
+            raise CorruptCheckpointError(f"{where}: {h5path} ends early (truncated file)")
+        if crc is not None:
+            value = crc(view[done:done + got], value)
+        done += got
+    return value
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "(no dataspace)" if shape is None else str(list(shape))
+
+
+def _read_leaf(
+    f: _File, node: dict[str, Any], h5path: str, crc: Callable[[Any, int], int] | None, fd: int | None,
+) -> np.ndarray[Any, Any]:
+    """Read one leaf straight into its final array; with ``crc``, verify its checksum.
+
+    ``fd`` is :func:`_direct_fd`'s: a plain contiguous dataset is read from it with
+    pread, bypassing HDF5 (same bytes, without its per-read overhead), in cache-sized
+    slabs each checksummed while still in cache.
+    """
+    where = f.where
+    dtype = _dtype_from_str(node.get("dtype"), where)
+    shape = _validate_shape(node, where)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = _is_raw(dtype)
+    stored_shape = (*shape, dtype.itemsize) if raw else shape
+    stored_dtype = np.dtype(np.uint8) if raw else dtype
+    ds = f.dataset(h5path)
+    try:
+        # A file type equal to the array's own needs no conversion (the usual case, and
+        # cheaper to tell than the NumPy dtype h5py derives from the file type).
+        as_is = ds.get_type().equal(_memory_type(stored_dtype))
+        if ds.shape != stored_shape or not (as_is or ds.dtype == stored_dtype):
+            raise CorruptCheckpointError(
+                f"{where}: {h5path} is {ds.dtype}{_shape_text(ds.shape)}, "
+                f"the manifest says {stored_dtype}{list(stored_shape)}"
+            )
+        _check_dataset_storage(ds, nbytes, where, h5path)
+        out = np.empty(shape, dtype)
+        offset = _direct_offset(ds, stored_dtype, nbytes, f, h5path) if as_is and fd is not None and nbytes else None
+        if fd is not None and offset is not None:
+            value = _pread_checked(fd, offset, out.reshape(-1).view(np.uint8), crc, where, h5path)
+        else:
+            if nbytes:
+                ds.read(h5s.ALL, h5s.ALL, out.reshape(-1).view(np.uint8).reshape(stored_shape) if raw else out)
+            value = crc(_contiguous_bytes(out), 0) if crc is not None else 0
+    finally:
+        ds.close()
+    if crc is not None and value != node.get("crc"):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
+    return out
+
+
+def _decode_scalar(kind: str, array: np.ndarray[Any, Any], where: str) -> Any:
+    expected = {
+        "bool": "|b1",
+        "int": "<i8",
+        "float": "<f8",
+        "complex": "<c16",
+        "bigint": "|u1",
+        "str": "|u1",
+        "bytes": "|u1",
+    }
+    if array.dtype.str != expected.get(kind, array.dtype.str):
+        raise CorruptCheckpointError(f"{where}: {kind} leaf stored as {array.dtype}")
+    if kind in ("bool", "int", "float", "complex"):
+        if array.shape != ():
+            raise CorruptCheckpointError(f"{where}: {kind} leaf has shape {array.shape}")
+        return {"bool": bool, "int": int, "float": float, "complex": complex}[kind](array[()])
+    if array.ndim != 1:
+        raise CorruptCheckpointError(f"{where}: {kind} leaf has shape {array.shape}")
+    data = array.tobytes()
+    if kind == "bigint":
+        return int.from_bytes(data, "little", signed=True)
+    if kind == "str":
+        try:
+            return data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as exc:
+            raise CorruptCheckpointError(f"{where}: str leaf is not UTF-8") from exc
+    return data
+
+
+def _check_claimed_bytes(f: _File, spec: Any) -> None:
+    """Refuse a tree (validating it) whose arrays add up to more bytes than the file has.
+
+    Each leaf's dataset must store exactly its bytes, but HDF5 hard links (or crafted
+    layouts) can put one stored dataset under many names: reading each would allocate
+    its size again, a 1 MB file making the reader allocate gigabytes.
+    """
+    where = f.where
+    total = 0
+    for _keys, _h5path, node in iter_leaves(spec, where):
+        total += math.prod(_validate_shape(node, where)) * _dtype_from_str(node.get("dtype"), where).itemsize
+    size = f.filesize()
+    if total > size:
+        raise CorruptCheckpointError(f"{where}: the tree claims {total} bytes of arrays, the file has {size}")
+
+
+def read_file(
+    path: str | os.PathLike[str], *, verify: bool = True, select: Selection | None = None
+) -> tuple[Tree, dict[str, Any]]:
+    """Read a checkpoint file; return ``(tree, manifest)``.
+
+    With ``verify`` every array read has its checksum checked against the manifest.
+    With ``select`` (see :func:`selection`) only those subtrees are read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: the file is damaged, tampered with or hostile.
+        CheckpointError: ``verify`` of a ``crc32c`` file without the crc32c package.
+        OSError: the file could not be read.
+    """
+    where = os.fspath(path)
+    with _reading(where), _File(path) as f:
+        manifest = _read_manifest(f)
+        spec = manifest.get("tree")
+        # Validate the whole description before allocating anything.
+        _check_claimed_bytes(f, spec)
+        crc = _leaf_checksum(manifest, where) if verify else None
+        fd = _direct_fd(f)
+
+        def leaf_value(node: dict[str, Any], h5path: str) -> Any:
+            array = _read_leaf(f, node, h5path, crc, fd)
+            kind = node["t"]
+            if kind == "ndarray":
+                return array
+            if kind == "npscalar":
+                if array.shape != ():
+                    raise CorruptCheckpointError(f"{where}: scalar {h5path} has a shape")
+                return array[()]
+            return _decode_scalar(kind, array, where)
+
+        try:
+            tree = _build(spec, leaf_value, where, select)
+        except SelectionError:
+            raise
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, CorruptCheckpointError):
+                raise
+            raise CorruptCheckpointError(f"{where}: malformed tree ({exc})") from exc
+    return tree, manifest
+
+
+def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every checksum of a checkpoint file without keeping the arrays; return its manifest.
+
+    Raises:
+        FileNotFoundError, CorruptCheckpointError, CheckpointError, OSError: as :func:`read_file`.
+    """
+    where = os.fspath(path)
+    with _reading(where), _File(path) as f:
+        manifest = _read_manifest(f)
+        _check_claimed_bytes(f, manifest.get("tree"))
+        crc = _leaf_checksum(manifest, where)
+        fd = _direct_fd(f)
+        for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
+            _read_leaf(f, node, h5path, crc, fd)
+    return manifest
