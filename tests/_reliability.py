@@ -392,11 +392,11 @@ class Hooks:
             return "lock"
         if storage.parse_name(name) is not None:
             return "ckpt"
-        if storage._SIDECAR_RE.fullmatch(name):
+        if storage._layout._SIDECAR_RE.fullmatch(name):
             return "sidecar"
-        if storage._COMMIT_RE.fullmatch(name):
+        if storage._layout._COMMIT_RE.fullmatch(name):
             return "commit"
-        match = storage._TMP_RE.fullmatch(name)
+        match = storage._layout._TMP_RE.fullmatch(name)
         if match:
             if getattr(self._local, "in_index", False):
                 return "index-tmp"
@@ -483,7 +483,7 @@ class Hooks:
         if self.opens:
             setattr(os, "open", os_open)
         if self.writes == "calls" or self.opens:
-            for module in (codec, codec._write, storage):  # wherever files are opened with open()
+            for module in (codec, codec._write, storage, storage._local):  # wherever files are opened with open()
                 setattr(module, "open", self._wrapping_open())
 
     def _wrapping_open(self) -> Callable[..., Any]:

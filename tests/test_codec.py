@@ -628,7 +628,7 @@ def test_a_failure_to_start_the_disk_fails_the_save_unless_unsupported(
         ctypes.set_errno(code)
         return -1
 
-    monkeypatch.setattr(storage, "_sync_file_range", failing)
+    monkeypatch.setattr(storage._writeback, "_sync_file_range", failing)
     tree = {"w": np.ones(4 * 1024 * 1024, np.float32)}
     if fails:
         with pytest.raises(OSError) as excinfo:

@@ -1,117 +1,38 @@
-"""The only module that touches the filesystem: naming, atomic commit, scan, lock, index.
-
-Directory layout::
-
-    runs/exp1/
-      ckpt-000001000.h5        committed checkpoints (step zero-padded to 9+ digits)
-      model-03-0.31.keras      a payload checkpoint: a framework-native file ...
-      .ckptmgr-<hash>.json     ... and its metadata (step, metrics, size, checksum);
-                               <hash> is derived from the payload's file name
-      .ckpt-<random>.tmp[-NAME] a save in progress; removed by the next writer that opens
-      .ckpt-<random>.commit    a payload commit in progress (see below)
-      .ckptmgr.lock            the writer lock (filelock; released by the OS on death)
-      .ckptmgr-index.json      a cache of the checkpoints' metadata; rebuilt when stale
-      anything else            not ours: ignored, never deleted
-
-Commit protocol (invariant 1): write to ``.ckpt-<random>.tmp`` in the same directory,
-flush and fsync it, rename it to its final name, fsync the directory. A crash before
-the rename leaves only a temporary file; after it, a complete, durable checkpoint.
-
-A payload's file and its metadata are two files, and the payload may replace an
-earlier file of the same name, so its commit has two phases: write the payload to a
-temporary name and fsync it; write its metadata as ``.ckpt-<random>.commit`` and fsync
-it; rename the payload; rename the commit record over the sidecar; fsync the directory.
-The next writer that opens finishes an interrupted commit whose payload is in place and
-matches the record's checksum, and discards one whose payload is not.
-"""
+"""The local file system: atomic, durable commits (temp file, fsync, rename, directory fsync), deletion, the lock, the index file."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import hashlib
 import json
 import os
-import re
 import secrets
 import stat
-import sys
 import threading
-import time
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import filelock
 
-from .errors import CheckpointIOError, DirectoryLockedError, describe_os_error
-
-T = TypeVar("T")
-
-LOCK_NAME = ".ckptmgr.lock"
-INDEX_NAME = ".ckptmgr-index.json"
-INDEX_VERSION = 2  # 2: keep reasons stored as [text, kind, detail]
-_CKPT_RE = re.compile(r"ckpt-(\d{9,20})\.h5")
-_TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp(-.+)?", re.DOTALL)
-_COMMIT_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.commit")
-_SIDECAR_RE = re.compile(r"\.ckptmgr-[0-9a-f]{16}\.json")
-MAX_PAYLOAD_NAME = 200
-_CHUNK = 8 * 1024 * 1024
-_LIST_RETRIES = 10
-
-
-def checkpoint_name(step: int) -> str:
-    """The file name of the checkpoint of ``step``."""
-    return f"ckpt-{step:09d}.h5"
-
-
-def parse_name(name: str) -> int | None:
-    """The step of a checkpoint file name, or None if the name is not one of ours."""
-    match = _CKPT_RE.fullmatch(name)
-    if match is None:
-        return None
-    step = int(match.group(1))
-    # Only the canonical spelling: "ckpt-0000000001.h5" and "ckpt-000000001.h5" would
-    # otherwise both claim step 1.
-    return step if checkpoint_name(step) == name else None
-
-
-def sidecar_name(payload_name: str) -> str:
-    """The metadata file name of a payload checkpoint named ``payload_name``."""
-    digest = hashlib.sha256(payload_name.encode("utf-8", "surrogatepass")).hexdigest()
-    return f".ckptmgr-{digest[:16]}.json"
-
-
-def check_payload_name(name: object) -> str:
-    """Validate the file name of a payload checkpoint.
-
-    Raises:
-        ValueError: not a plain, visible file name of at most 200 characters, or one
-            that a native checkpoint uses.
-    """
-    if (
-        not isinstance(name, str)
-        or not 0 < len(name) <= MAX_PAYLOAD_NAME
-        or name.startswith(".")
-        or any(c in name for c in "/\\\0")
-        or parse_name(name) is not None
-        or _CKPT_RE.fullmatch(name) is not None
-    ):
-        raise ValueError(
-            "Expected a payload name that is a plain file name (no '/', no NUL, not "
-            f"starting with '.', at most {MAX_PAYLOAD_NAME} characters, not ckpt-<step>.h5). "
-            f"Received: name={name!r}"
-        )
-    return name
-
-
-def io_error(action: str, path: str | os.PathLike[str], exc: OSError) -> CheckpointIOError:
-    """A CheckpointIOError whose message names what failed, the path, and the cause."""
-    return CheckpointIOError(f"{action} {os.fspath(path)}: {describe_os_error(exc)}", path, exc)
+from ..errors import DirectoryLockedError
+from ._layout import (
+    _CHUNK,
+    _COMMIT_RE,
+    _SIDECAR_RE,
+    _TMP_RE,
+    INDEX_NAME,
+    INDEX_VERSION,
+    LOCK_NAME,
+    T,
+    check_payload_name,
+    io_error,
+    parse_name,
+    read_small,
+    sidecar_name,
+)
 
 
 def ensure_directory(path: Path) -> None:
@@ -174,105 +95,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, no waiting
-
-
-def _load_sync_file_range() -> Any:
-    """libc's ``sync_file_range`` (Linux; Python has no binding), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-class Writeback:
-    """Starts the disk on a file's data while the rest of the file is still being written.
-
-    With a single fsync at the end, a save first copies everything into the page cache
-    while the disk idles, then waits while the disk writes. The writer instead tells
-    this what it has written: :meth:`start` queues it for the disk at once, with
-    Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which neither waits nor
-    flushes the drive's cache (elsewhere it does nothing); :meth:`kick` makes a
-    background thread ``fdatasync`` what is written so far (several kicks while it is
-    busy make one more call). Copying and writing overlap, and the final fsync of
-    :func:`write_atomic` finds less left to do. This only saves time: durability still
-    comes from that final fsync.
-
-    :meth:`close` joins the thread and returns the first error of a background
-    fdatasync or of queueing writes. The caller must raise it: Linux reports a
-    writeback error to one fsync only, so after this one saw it, the final fsync may
-    succeed on a damaged file.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._cond = threading.Condition()
-        self._pending = False
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        self._queue_writes = _sync_file_range is not None
-        self.error: OSError | None = None
-
-    def start(self) -> None:
-        """Queue what is written so far for the disk, without waiting (Linux; else nothing)."""
-        if not self._queue_writes or self._closing:
-            return
-        # Pages already queued are skipped: offset 0, length 0 (to the end) costs little.
-        if _sync_file_range(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP, errno.EPERM):
-            self._queue_writes = False  # not for this kind of file (or this kernel)
-            return
-        with self._cond:
-            self.error = self.error or OSError(code, os.strerror(code))
-            self._closing = True
-
-    def kick(self) -> None:
-        with self._cond:
-            if self._closing:
-                return
-            self._pending = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ckptmgr-writeback", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                self._pending = False
-            try:
-                _fdatasync(self._fd)
-            except OSError as exc:
-                with self._cond:
-                    self.error = exc
-                    self._closing = True
-                return
-
-    def close(self) -> OSError | None:
-        """Stop (the final fsync does what is left); return the background error, if any."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
-        return self.error
 
 
 class DirectoryLock:
@@ -390,7 +212,7 @@ def write_payload(directory: Path, name: str, write: Callable[[Path], object]) -
         CheckpointIOError: an OS error (the temporary file is removed).
         CheckpointError: ``write`` did not create a regular file at the path given.
     """
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp-{name}"
     final = directory / name
@@ -557,83 +379,6 @@ def remove_leftovers(directory: Path) -> list[str]:
     return [n for n in names if n not in failures]
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A file seen by :func:`scan`: a native checkpoint (``step`` from its name) or a
-    payload's sidecar (``step`` None: it is in the sidecar)."""
-
-    step: int | None
-    name: str
-    size: int
-    mtime_ns: int
-
-
-def scan(directory: Path) -> Iterator[Entry]:
-    """The checkpoint files and payload sidecars of ``directory``.
-
-    Only regular files with our name patterns; symbolic links and anything else are
-    skipped: reading through them could read outside the directory.
-
-    Raises:
-        CheckpointIOError: the directory cannot be listed.
-    """
-    for _attempt in range(_LIST_RETRIES):
-        try:
-            with os.scandir(directory) as it:
-                listed = list(it)
-        except OSError as exc:
-            raise io_error("Cannot list checkpoint directory", directory, exc) from exc
-        found, vanished = [], False
-        for entry in listed:
-            step = parse_name(entry.name)
-            if step is None and not _SIDECAR_RE.fullmatch(entry.name):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                vanished = True
-                continue
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.append(Entry(step, entry.name, st.st_size, st.st_mtime_ns))
-        # A listing is no snapshot: while a writer renames a new checkpoint in and
-        # deletes an old one, it can hold the old one and miss the new. List again.
-        if not vanished:
-            break
-    return iter(found)
-
-
-def read_small(path: Path, limit: int = 1024 * 1024) -> bytes:
-    """The content of a small regular file (not following a symlink), at most ``limit`` bytes.
-
-    Raises:
-        OSError: it cannot be read, or is not a regular file (a FIFO planted under the
-            name would otherwise block the reader forever; a symbolic link would make
-            it read outside the directory).
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "Not a regular file", os.fspath(path))
-        # Sized by the file, not the limit: read(limit) would allocate the whole limit.
-        return fh.read(min(limit, st.st_size + 1))
-
-
-def is_regular_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file and not a symbolic link.
-
-    Raises:
-        FileNotFoundError: it does not exist.
-    """
-    return stat.S_ISREG(os.lstat(path).st_mode)
-
-
-def file_mtime(path: Path) -> float:
-    return os.lstat(path).st_mtime
-
-
 def _index_body(entries: dict[str, Any]) -> str:
     return json.dumps(entries, separators=(",", ":"))
 
@@ -692,127 +437,3 @@ def save_index(directory: Path, entries: dict[str, Any]) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-
-
-# ------------------------------------------------------------------------- rollback
-#
-# rollback(step) moves the checkpoints after ``step`` into a sub-folder of
-# ROLLED_BACK_DIR, deleting nothing. Several renames cannot be one atomic step, so the
-# decision is committed first, as a durable marker listing the files to move and where;
-# readers ignore the files a marker lists, and the next writer to open finishes the moves
-# of a rollback that a crash interrupted.
-
-ROLLED_BACK_DIR = "rolled-back"
-ROLLBACK_MARKER = ".ckptmgr-rollback.json"
-_FOLDER_RE = re.compile(r"after-step-\d{9,20}-\d{8}T\d{6}Z(-\d{1,4})?")
-
-
-def rollback_folder(directory: Path, step: int, now: float) -> str:
-    """A new folder name under ROLLED_BACK_DIR for the checkpoints after ``step``."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    base = f"after-step-{step:09d}-{stamp}"
-    name, n = base, 1
-    while os.path.lexists(directory / ROLLED_BACK_DIR / name):
-        n += 1
-        name = f"{base}-{n}"
-    return f"{ROLLED_BACK_DIR}/{name}"
-
-
-def write_rollback_marker(directory: Path, folder: str, names: list[str]) -> None:
-    """Commit the decision to move ``names`` into ``folder``: written, fsynced, renamed, directory fsynced.
-
-    Raises:
-        CheckpointIOError: an OS error (no marker is left behind).
-    """
-    body = json.dumps({"version": 1, "folder": folder, "files": names}).encode("utf-8")
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "xb") as fh:
-            fh.write(body)
-
-    write_atomic(directory, ROLLBACK_MARKER, write)
-
-
-def read_rollback_marker(directory: Path) -> tuple[str, list[str]] | None:
-    """The folder and file names of an unfinished rollback, or None.
-
-    A marker that does not parse, or names anything but plain file names and a folder
-    of ours, is ignored (with nothing moved): it cannot send files outside the directory.
-    """
-    try:
-        data = json.loads(read_small(directory / ROLLBACK_MARKER))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    folder, names = data.get("folder"), data.get("files")
-    if (
-        not isinstance(folder, str)
-        or not folder.startswith(ROLLED_BACK_DIR + "/")
-        or _FOLDER_RE.fullmatch(folder[len(ROLLED_BACK_DIR) + 1 :]) is None
-        or not isinstance(names, list)
-        or not all(isinstance(n, str) and (parse_name(n) is not None or _SIDECAR_RE.fullmatch(n)
-                                           or _is_payload_name(n)) for n in names)
-    ):
-        return None
-    return folder, names
-
-
-def _is_payload_name(name: str) -> bool:
-    try:
-        check_payload_name(name)
-    except ValueError:
-        return False
-    return True
-
-
-def finish_rollback(directory: Path) -> str | None:
-    """Move the files an unfinished rollback lists, then remove its marker; return its folder.
-
-    Each move is a rename within the file system; the folder (and rolled-back/) are made
-    durable first, both directories are fsynced after the moves, and only then is the
-    marker removed. Files already moved (or gone) are skipped, so a crash anywhere here
-    is finished by the next call.
-
-    Raises:
-        CheckpointIOError: an OS error; the marker stays and the next writer retries.
-    """
-    pending = read_rollback_marker(directory)
-    if pending is None:
-        remove_files(directory, [ROLLBACK_MARKER])
-        return None
-    folder, names = pending
-    target = directory / folder
-    ensure_directory(target)
-    try:
-        for name in names:
-            try:
-                os.rename(directory / name, target / name)
-            except FileNotFoundError:
-                continue
-        fsync_directory(target)
-        fsync_directory(directory)
-    except OSError as exc:
-        raise io_error("Cannot move checkpoints aside into", target, exc) from exc
-    failures = remove_files(directory, [ROLLBACK_MARKER])
-    if failures:
-        raise io_error("Cannot remove the rollback record", directory / ROLLBACK_MARKER, next(iter(failures.values())))
-    return folder
-
-
-def rolled_back_folders(directory: Path) -> list[Path]:
-    """The folders rollbacks set aside in ``directory``, oldest first."""
-    try:
-        with os.scandir(directory / ROLLED_BACK_DIR) as it:
-            names = [e.name for e in it if _FOLDER_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        raise io_error("Cannot list", directory / ROLLED_BACK_DIR, exc) from exc
-    def when(name: str) -> tuple[str, int]:
-        stamp, _, n = name.split("-", 3)[3].partition("-")
-        return stamp, int(n or 1)
-
-    return [directory / ROLLED_BACK_DIR / n for n in sorted(names, key=when)]
