@@ -17,11 +17,12 @@ crash re-reads only the newest checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +320,7 @@ class CheckpointDirectory:
         path = record.info.path
         if record.corrupt is not None:
             raise CorruptCheckpointError(f"{path}: {record.corrupt}")
-        try:
+        with _read_errors(path):
             if not storage.is_regular_file(path):
                 raise CorruptCheckpointError(f"{path}: not a regular file, refused")
             if record.sidecar is not None:
@@ -343,12 +344,6 @@ class CheckpointDirectory:
                 value = None
             else:
                 value, manifest = codec.read_file(path, verify=verify, select=select)
-        except (CorruptCheckpointError, CheckpointNotFoundError):
-            raise
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
-        except OSError as exc:
-            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
         if manifest.get("step") != record.info.step:
             raise CorruptCheckpointError(
                 f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}"
@@ -382,18 +377,12 @@ class CheckpointDirectory:
     def describe(self, record: Record) -> CheckpointDescription:
         """Metadata and tree layout of one checkpoint, reading no arrays."""
         path = record.info.metadata_path or record.info.path
-        try:
+        with _read_errors(path):
             if record.sidecar is not None:
                 meta = decode_sidecar(storage.read_small(path), str(path))
                 return CheckpointDescription(record.info, meta, None)
             manifest = codec.read_meta(path)
             leaves = tuple(codec.describe_leaves(manifest, str(path)))
-        except (CorruptCheckpointError, CheckpointNotFoundError):
-            raise
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
-        except OSError as exc:
-            raise storage.io_error("Cannot read checkpoint", path, exc) from exc
         return CheckpointDescription(record.info, {k: v for k, v in manifest.items() if k != "tree"}, leaves)
 
     # ----------------------------------------------------------------------- rollback
@@ -407,6 +396,19 @@ class CheckpointDirectory:
 
     def rolled_back(self) -> list[Path]:
         return storage.rolled_back_folders(self.path)
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Reading ``path``: gone -> CheckpointNotFoundError; other OS errors -> CheckpointIOError."""
+    try:
+        yield
+    except (CorruptCheckpointError, CheckpointNotFoundError):
+        raise
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"Checkpoint {path} no longer exists") from exc
+    except OSError as exc:
+        raise storage.io_error("Cannot read checkpoint", path, exc) from exc
 
 
 def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-import numpy as np
-
-from . import codec
-from ._directory import READ_RETRIES, CheckpointDirectory, Loaded
+from ._args import check_metrics, check_options, check_step, opened_at, steps_text
+from ._directory import CheckpointDirectory
+from ._reader import CheckpointReader
 from ._retention import Catalog, IncrementalKeep
 from ._retention import Record as _Record
 from ._writer import SaveWriter
@@ -23,32 +21,28 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
-    CorruptCheckpointError,
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointDescription, CheckpointInfo, KeepReason, Which
+from .info import CheckpointInfo, KeepReason
 from .metrics import Direction, MetricTracker, Mode
 from .payload import FilePayload
 from .policies import (
     AllOf,
-    KeepBest,
     OnImprovement,
     RetentionContext,
     RetentionPolicy,
     SaveContext,
     SavePolicy,
-    policy_leaves,
 )
 
 T = TypeVar("T")
 
-_MAX_STEP = 2**63 - 1
 
 
 
 
-class CheckpointManager:
+class CheckpointManager(CheckpointReader):
     """Saves, keeps and restores the checkpoints of one training run in one directory.
 
     Each checkpoint is one HDF5 file holding a *state tree* (dicts with str keys, lists,
@@ -119,38 +113,12 @@ class CheckpointManager:
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise ValueError(f"Expected directory to be a non-empty str or path. Received: directory={directory!r}")
-        if save_every is not None and not isinstance(save_every, SavePolicy):
-            raise ValueError(
-                "Expected save_every to be a save policy such as ckptmgr.EverySteps(1000), or None. "
-                f"Received: save_every={save_every!r}"
-            )
-        if keep is not None and not isinstance(keep, RetentionPolicy):
-            raise ValueError(
-                "Expected keep to be a retention policy such as ckptmgr.KeepLast(3), or None. "
-                f"Received: keep={keep!r}"
-            )
-        for name, flag in (("best_only", best_only), ("async_save", async_save), ("read_only", read_only)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"Expected {name} to be a bool. Received: {name}={flag!r}")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"Expected monitor to be a non-empty str or None. Received: monitor={monitor!r}")
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"Expected mode to be 'auto', 'min' or 'max'. Received: mode={mode!r}")
+        check_options(directory, save_every, keep, monitor, mode,
+                      best_only=best_only, async_save=async_save, read_only=read_only)
         self._tracker = (
             MetricTracker(monitor, mode=mode, min_delta=min_delta, baseline=baseline)
             if monitor is not None else None
         )
-        if monitor is None:
-            if best_only:
-                raise ValueError("Expected a monitor= metric with best_only=True. Received: monitor=None")
-            needs_monitor = [p for p in (*policy_leaves(save_every), *policy_leaves(keep))
-                             if isinstance(p, OnImprovement) or (isinstance(p, KeepBest) and p.monitor is None)]
-            if needs_monitor:
-                raise ValueError(
-                    f"Expected a monitor= metric for {needs_monitor[0]!r}. Received: monitor=None"
-                )
         if best_only:
             save_every = OnImprovement() if save_every is None else AllOf((save_every, OnImprovement()))
         self._save_every = save_every
@@ -172,7 +140,7 @@ class CheckpointManager:
         self._restored: CheckpointInfo | None = None
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
 
-        self._dir = CheckpointDirectory(self._directory, read_only=read_only, owner=_opened_at())
+        self._dir = CheckpointDirectory(self._directory, read_only=read_only, owner=opened_at())
         try:
             self._refresh()
         except BaseException:
@@ -186,91 +154,6 @@ class CheckpointManager:
         with self._mutex:
             self._apply_retention(delete=False)
 
-    def _adopt_tracker(self, recorded: Any) -> None:
-        """A reader without ``monitor`` adopts the metric the run recorded, so that
-        ``best`` and ``restore("best")`` work (also when the run started after it opened)."""
-        if self._tracker is None and isinstance(recorded, dict):
-            try:
-                self._tracker = MetricTracker(
-                    recorded["monitor"], mode=recorded["mode"],
-                    min_delta=recorded.get("min_delta") or 0.0, baseline=recorded.get("baseline"),
-                )
-            except (KeyError, TypeError, ValueError):
-                self._tracker = None
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def _records(self) -> dict[int, _Record]:
-        return self._catalog.records
-
-    @property
-    def directory(self) -> Path:
-        """The checkpoint directory (absolute)."""
-        return self._directory
-
-    @property
-    def tracker(self) -> MetricTracker | None:
-        """The monitored metric's tracker (best value, its step, patience), or None."""
-        return self._tracker
-
-    @property
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, ascending step (corrupt ones included, with reason "corrupt")."""
-        self._refresh_if_reader()
-        with self._mutex:
-            return [self._records[s].info for s in self._catalog.steps]
-
-    @property
-    def restored(self) -> CheckpointInfo | None:
-        """The checkpoint the last ``restore``/``restore_or_initialize`` loaded, or None.
-
-        After a fallback past a corrupt checkpoint this says which one was used; after
-        ``restore_or_initialize`` started fresh it is None.
-        """
-        return self._restored
-
-    @property
-    def latest(self) -> CheckpointInfo | None:
-        """The checkpoint with the highest step, or None."""
-        self._refresh_if_reader()
-        with self._mutex:
-            return self._records[self._catalog.steps[-1]].info if self._records else None
-
-    @property
-    def best(self) -> CheckpointInfo | None:
-        """The best committed checkpoint by ``monitor``, or None.
-
-        That is the step where the tracker last saw an improvement (``min_delta`` and
-        ``baseline`` applied) when it was saved; otherwise the checkpoint with the best
-        value (ties: the earliest) if that beats ``baseline``.
-        """
-        self._refresh_if_reader()
-        with self._mutex:
-            return self._best_locked()
-
-    def _best_locked(self) -> CheckpointInfo | None:
-        tracker = self._tracker
-        if tracker is None:
-            return None
-        # The tracker's best (min_delta and baseline applied), when that step was saved.
-        record = self._records.get(tracker.best_step) if tracker.best_step is not None else None
-        if record is not None and (record.corrupt or record.info.metrics.get(tracker.monitor) == tracker.best):
-            # A damaged best stays the best: restore("best") then says so rather than
-            # quietly returning the runner-up.
-            return record.info
-        # Otherwise (metrics reported between saves, or a directory from elsewhere) the
-        # best value among the checkpoints, if it beats the baseline.
-        ranking = self._catalog.ranking(tracker.monitor, tracker.mode)
-        if ranking:
-            first = self._records[ranking[0][1]].info
-            if tracker.is_better(first.metrics[tracker.monitor], None):
-                return first
-        return None
-
-    def __repr__(self) -> str:
-        return f"CheckpointManager({str(self._directory)!r}, checkpoints={len(self._records)})"
-
     # ------------------------------------------------------------------------ saving
 
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
@@ -279,8 +162,8 @@ class CheckpointManager:
         Changes nothing: use it to skip building an expensive state on steps that would
         not be saved.
         """
-        step = _check_step(step)
-        metrics = _check_metrics(metrics)
+        step = check_step(step)
+        metrics = check_metrics(metrics)
         value = metrics.get(self._tracker.monitor) if self._tracker else None
         if self._best_only and value is None:
             return False
@@ -324,8 +207,8 @@ class CheckpointManager:
             CheckpointError: the manager is read-only or closed.
         """
         self._check_writable()
-        step = _check_step(step)
-        metrics = _check_metrics(metrics)
+        step = check_step(step)
+        metrics = check_metrics(metrics)
         if not isinstance(force, bool):
             raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
         self._check_step_order(step)
@@ -554,13 +437,13 @@ class CheckpointManager:
             CheckpointError: the manager is read-only or closed.
         """
         self._check_writable()
-        step = _check_step(step)
+        step = check_step(step)
         self._writer.wait()
         with self._mutex:
             if step not in self._records:
                 raise CheckpointNotFoundError(
                     f"No checkpoint of step {step} in {self._directory} to roll back to "
-                    f"(steps: {_steps_text(self._catalog.steps)})"
+                    f"(steps: {steps_text(self._catalog.steps)})"
                 )
             later = [self._records[s] for s in self._catalog.steps if s > step]
             if later:
@@ -744,287 +627,4 @@ class CheckpointManager:
         else:
             self._labels_current = False
         return removed
-
-    # ----------------------------------------------------------------------- records
-
-    def _refresh_if_reader(self) -> None:
-        if self._read_only:
-            self._refresh()
-            # The writer's best moves on as it saves: follow its newest recorded state
-            # (silently: a mismatched metric was warned about at open).
-            recorded = self._newest_tracker_state()
-            self._adopt_tracker(recorded)
-            if self._tracker is not None and recorded is not None:
-                self._tracker.load_state_dict(recorded)
-            with self._mutex:
-                self._apply_retention(delete=False)
-
-    def _refresh(self) -> None:
-        """(Re)build the records from the directory."""
-        records = self._dir.read_records()
-        with self._mutex:
-            self._catalog.reset(records)
-            self._labels_current = False
-
-    def _newest_tracker_state(self) -> Any:
-        with self._mutex:
-            for step in sorted(self._records, reverse=True):
-                record = self._records[step]
-                if not record.corrupt and record.meta.get("tracker") is not None:
-                    return record.meta["tracker"]
-        return None
-
-    def _restore_tracker(self, state: Any) -> None:
-        if self._tracker is not None and state is not None and not self._tracker.load_state_dict(state):
-            warnings.warn(
-                f"ckptmgr: the checkpoints in {self._directory} tracked "
-                f"{state.get('monitor') if isinstance(state, dict) else state!r}/"
-                f"{state.get('mode') if isinstance(state, dict) else ''}, not "
-                f"{self._tracker.monitor}/{self._tracker.mode}; starting a new best",
-                CheckpointWarning,
-                stacklevel=3,
-            )
-
-    # --------------------------------------------------------------------- restoring
-
-    def restore(
-        self, which: Which = "latest", *, verify: bool = True, select: str | Sequence[str] | None = None
-    ) -> Any:
-        """Load a checkpoint's state tree (or, for a payload checkpoint, its file's path).
-
-        ``"latest"`` falls back to the newest checkpoint that verifies, warning
-        (:class:`CheckpointWarning`) about each one it skips; ``"best"`` and a step
-        number load exactly that checkpoint.
-
-        Example (a server needs the parameters, not the optimizer state):
-
-        >>> import ckptmgr, numpy as np, tempfile
-        >>> with ckptmgr.CheckpointManager(tempfile.mkdtemp()) as mgr:
-        ...     _ = mgr.save(1, {"params": {"w": np.ones(2), "b": 0.5}, "opt": {"m": np.zeros(2)}})
-        ...     mgr.restore(select="params/b"), mgr.restore(select=["params/w", "opt"])
-        ({'params': {'b': 0.5}}, {'params': {'w': array([1., 1.])}, 'opt': {'m': array([0., 0.])}})
-
-        Args:
-            which: ``"latest"``, ``"best"`` or a step.
-            verify: check every checksum (recommended; the cost is small).
-            select: read only these subtrees: a key path with ``/`` between keys
-                (``"params"``, ``"params/dense/kernel"``; list items by index), or a
-                list of them. The result keeps the same nesting with only the selected
-                parts; nothing else is read from the file, and what is read is verified.
-
-        Returns:
-            The state tree, equal to the one saved (types, dtypes, shapes, values); for
-            a :class:`FilePayload` checkpoint, the ``pathlib.Path`` of its file.
-
-        Raises:
-            CheckpointNotFoundError: no checkpoint at all, no best, or no such step.
-            CorruptCheckpointError: the named checkpoint (or every checkpoint, for
-                ``"latest"``) fails verification.
-            CheckpointIOError: a file could not be read.
-            KeyError: a selected key path is not in the checkpoint (the message names it).
-            ValueError: ``select`` is malformed, or given for a payload checkpoint.
-        """
-        return self._restore(which, verify, _parse_select(select))[0]
-
-    def restore_or_initialize(self, init: Callable[[], T]) -> T | Any:
-        """The latest good checkpoint's state, or ``init()`` if there is no checkpoint.
-
-        Raises:
-            CorruptCheckpointError: checkpoints exist but none verifies (initialising
-                would silently throw the run away).
-            CheckpointIOError: a file could not be read.
-        """
-        try:
-            return self._restore("latest", True)[0]
-        except CheckpointNotFoundError:
-            if self.checkpoints:
-                raise
-            return init()
-
-    def verify(self, which: Which = "latest") -> CheckpointInfo:
-        """Check every checksum of one checkpoint (no fallback); return its info.
-
-        Raises:
-            CheckpointNotFoundError, CorruptCheckpointError, CheckpointIOError.
-        """
-        record = self._resolve(which)
-        self._exactly(record, self._dir.load(record, verify=True, tree=False))
-        return record.info
-
-    def describe(self, which: Which = "latest") -> CheckpointDescription:
-        """A checkpoint's metadata and the layout of its state tree, reading no arrays.
-
-        The metadata is checksum-verified; the arrays are not read (``verify`` checks
-        them). See :class:`CheckpointDescription` for an example.
-
-        Raises:
-            CheckpointNotFoundError: no such checkpoint (or it was deleted meanwhile).
-            CorruptCheckpointError: its metadata is damaged.
-            CheckpointIOError: it could not be read.
-        """
-        return self._dir.describe(self._resolve(which))
-
-    def _resolve(self, which: Which) -> _Record:
-        self._refresh_if_reader()
-        with self._mutex:
-            if which == "best":
-                best = self._best_locked()
-                if best is None:
-                    raise CheckpointNotFoundError(
-                        f"No best checkpoint in {self._directory}"
-                        + ("" if self._tracker else " (the manager has no monitor=)")
-                    )
-                return self._records[best.step]
-            if which == "latest":
-                if not self._records:
-                    raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
-                return self._records[max(self._records)]
-            if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-                record = self._records.get(int(which))
-                if record is None:
-                    raise CheckpointNotFoundError(
-                        f"No checkpoint of step {int(which)} in {self._directory} "
-                        f"(steps: {_steps_text(sorted(self._records))})"
-                    )
-                return record
-        raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
-
-    @staticmethod
-    def _exactly(record: _Record, loaded: Loaded) -> Any:
-        """The value of ``record`` itself: a payload replaced by a commit in progress is
-        that commit's step now, so the step asked for is not found."""
-        if loaded.record is not record:
-            raise CheckpointNotFoundError(
-                f"{record.info.path} no longer holds step {record.info.step}: it is step "
-                f"{loaded.record.info.step}, being committed"
-            )
-        return loaded.value
-
-    def _restore(self, which: Which, verify: bool, select: codec.Selection | None = None) -> tuple[Any, CheckpointInfo]:
-        if which != "latest":
-            for attempt in range(READ_RETRIES):
-                record = self._resolve(which)
-                try:
-                    value = self._exactly(record, self._dir.load(record, verify=verify, select=select))
-                except CheckpointNotFoundError:
-                    # A reader racing the writer: "best" may have moved on; list again.
-                    if not (self._read_only and which == "best") or attempt == READ_RETRIES - 1:
-                        raise
-                    continue
-                self._after_restore(record)
-                return value, record.info
-        failures: list[str] = []
-        raced = False
-        for _attempt in range(READ_RETRIES):
-            self._refresh_if_reader()
-            with self._mutex:
-                candidates = [self._records[s] for s in sorted(self._records, reverse=True)]
-            if not candidates and raced:
-                # A directory listing is no snapshot: while the writer renames a new
-                # checkpoint in and deletes an old one, a listing can miss both.
-                continue
-            raced = False
-            for record in candidates:
-                try:
-                    loaded = self._dir.load(record, verify=verify, select=select)
-                except CheckpointNotFoundError:
-                    # Deleted under us (a reader racing the writer's retention, or a
-                    # user's rm): list again, a newer checkpoint replaced it.
-                    raced = True
-                    if not self._read_only:
-                        with self._mutex:
-                            self._catalog.remove(record.info.step)
-                    break
-                except CorruptCheckpointError as exc:
-                    failures.append(str(exc))
-                    self._skipped_corrupt.add(record.info.step)
-                    warnings.warn(
-                        f"ckptmgr: skipping corrupt checkpoint {exc}; falling back to an older one",
-                        CheckpointWarning,
-                        stacklevel=3,
-                    )
-                    continue
-                # A payload replaced by a commit in progress is served as that commit's step.
-                self._after_restore(loaded.record)
-                return loaded.value, loaded.record.info
-            if not raced:
-                break
-        if failures:
-            raise CorruptCheckpointError(
-                f"No checkpoint in {self._directory} verifies ({len(failures)} corrupt): "
-                + "; ".join(failures)
-            )
-        raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
-
-    def _after_restore(self, record: _Record) -> None:
-        self._restored = record.info
-        # Resuming from a checkpoint resumes its metric history too.
-        if not self._read_only and record.meta.get("tracker") is not None:
-            self._restore_tracker(record.meta["tracker"])
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
-        raise ValueError(f"Expected step to be an int in [0, 2**63 - 1]. Received: step={step!r}")
-    return int(step)
-
-
-def _parse_select(select: str | Sequence[str] | None) -> codec.Selection | None:
-    if select is None:
-        return None
-    paths = [select] if isinstance(select, str) else select
-    if isinstance(paths, (bytes, Mapping)) or not all(isinstance(p, str) for p in paths) or not paths:
-        raise ValueError(
-            "Expected select to be a key path such as 'params' or 'params/dense/kernel', or a "
-            f"non-empty list of them. Received: select={select!r}"
-        )
-    split = [p.strip("/").split("/") for p in paths]
-    if any(not all(split_path) for split_path in split):
-        raise ValueError(f"Expected key paths without empty segments. Received: select={select!r}")
-    return codec.selection(split)
-
-
-def _opened_at() -> str:
-    """Where the caller opened this manager: the first frame outside ckptmgr."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    ours = (package + os.sep, os.path.join(os.path.dirname(package), "adapters") + os.sep)
-    for frame in reversed(traceback.extract_stack()):
-        if not os.path.abspath(frame.filename).startswith(ours):
-            return f"a CheckpointManager opened at {frame.filename}:{frame.lineno}"
-    return "a CheckpointManager"
-
-
-def _check_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise ValueError(f"Expected metrics to be a mapping of str to number. Received: metrics={metrics!r}")
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise ValueError(f"Expected metric names to be str. Received: metrics key {key!r}")
-        if isinstance(value, (str, bytes, bytearray)):
-            # float("0.5") would succeed: a metric logged as text is a bug, say so.
-            raise ValueError(
-                f"Expected metric values to be numbers. Received: metrics[{key!r}]={value!r} (a {type(value).__name__})"
-            )
-        try:
-            number = float(value)  # type: ignore[arg-type]  # NumPy scalars, 0-d arrays, framework scalars
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"Expected metric values to be numbers. Received: metrics[{key!r}]={value!r}"
-            ) from None
-        out[key] = number
-    return out
-
-
-def _steps_text(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    if len(steps) <= 8:
-        return ", ".join(map(str, steps))
-    return ", ".join(map(str, steps[:4])) + ", ..., " + ", ".join(map(str, steps[-3:]))
 

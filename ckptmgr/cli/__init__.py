@@ -59,28 +59,26 @@ __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", 
 # ------------------------------------------------------------------------------ main
 
 
+def _int_at_least(text: str, low: int, expected: str, too_low: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {too_low}; got {text!r}")
+    return value
+
+
 def _which(text: str) -> Which:
     """An argparse type: a step number (int >= 0), "latest" or "best"."""
     if text in ("latest", "best"):
         return text  # type: ignore[return-value]
-    try:
-        step = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step number, 'latest' or 'best'; got {text!r}") from None
-    if step < 0:
-        raise argparse.ArgumentTypeError(f"expected a step number >= 0; got {text!r}")
-    return step
+    return _int_at_least(text, 0, "a step number, 'latest' or 'best'", "a step number >= 0")
 
 
 def _positive(text: str) -> int:
     """An argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
-    return value
+    return _int_at_least(text, 1, "an integer >= 1", "an integer >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

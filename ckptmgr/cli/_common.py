@@ -245,6 +245,12 @@ def _describe(info: CheckpointInfo, latest: int | None, best: int | None) -> dic
     }
 
 
+def _latest_and_best(mgr: CheckpointManager) -> tuple[int | None, int | None]:
+    """The steps of the directory's latest and best checkpoints (None where there is none)."""
+    latest, best = mgr.latest, mgr.best
+    return (latest.step if latest else None), (best.step if best else None)
+
+
 def _marks(info: CheckpointInfo, latest: int | None, best: int | None) -> str:
     marks = [m for m, on in (("latest", info.step == latest), ("best", info.step == best)) if on]
     if info.corrupt is not None:

@@ -12,6 +12,7 @@ from ._common import (
     _describe,
     _file_size,
     _human_bytes,
+    _latest_and_best,
     _local_time,
     _marks,
     _metrics_text,
@@ -44,9 +45,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _ls_json(mgr: CheckpointManager) -> dict[str, Any]:
     infos = mgr.checkpoints
-    latest = infos[-1].step if infos else None
-    best_info = mgr.best
-    best = best_info.step if best_info is not None else None
+    latest, best = _latest_and_best(mgr)
     return {
         "directory": str(mgr.directory),
         "tracker": _tracker_json(mgr.tracker),
@@ -61,9 +60,7 @@ def _ls_print(mgr: CheckpointManager) -> None:
     if not infos:
         print(f"no checkpoints in {mgr.directory}")
         return
-    latest = infos[-1].step
-    best_info = mgr.best
-    best = best_info.step if best_info is not None else None
+    latest, best = _latest_and_best(mgr)
     rows = [
         [str(c.step), _marks(c, latest, best), _local_time(c.time), _human_bytes(_file_size(c.path)),
          _metrics_text(c.metrics), ", ".join(r for r in c.keep_reasons if r.kind != "corrupt")
