@@ -118,14 +118,15 @@ class CheckpointDirectory:
         self, name: str, meta: Mapping[str, Any], sidecar: str | None = None, corrupt: str | None = None
     ) -> CheckpointInfo:
         metrics = meta.get("metrics")
+        path = self.path / name
         return CheckpointInfo(
             step=int(meta["step"]),
-            path=self.path / name,
+            path=path,
             metrics=metrics if isinstance(metrics, dict) else {},
             time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
             nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
             kind="payload" if sidecar is not None else "tree",
-            metadata_path=self.path / (sidecar or name),
+            metadata_path=path if sidecar is None else self.path / sidecar,
             corrupt=corrupt,
         )
 

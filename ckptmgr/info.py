@@ -148,13 +148,21 @@ class CheckpointInfo:
     def __post_init__(self) -> None:
         # A private copy: changing the caller's dict must not change the record.
         object.__setattr__(self, "metrics", dict(self.metrics))
-        object.__setattr__(self, "path", Path(self.path))
-        object.__setattr__(self, "keep_reasons", tuple(KeepReason.of(r) for r in self.keep_reasons))
+        path: object = self.path
+        if not isinstance(path, Path):  # a str from the caller
+            object.__setattr__(self, "path", Path(self.path))
+        if self.keep_reasons:
+            object.__setattr__(self, "keep_reasons", tuple(KeepReason.of(r) for r in self.keep_reasons))
         if self.metadata_path is None:
             object.__setattr__(self, "metadata_path", self.path)
+        else:
+            object.__setattr__(self, "metadata_path", Path(self.metadata_path))
 
     def with_reasons(self, reasons: tuple[KeepReason, ...]) -> CheckpointInfo:
-        return dataclasses.replace(self, keep_reasons=reasons)
+        """The same checkpoint with other keep reasons (on every save: kept cheap, no re-checks)."""
+        new = object.__new__(CheckpointInfo)
+        new.__dict__.update(self.__dict__, keep_reasons=tuple(KeepReason.of(r) for r in reasons))
+        return new
 
 
 @dataclasses.dataclass(frozen=True)
