@@ -1,4 +1,4 @@
-"""CheckpointManager: decide -> snapshot -> write -> commit -> retain."""
+"""CheckpointManager: decide -> snapshot -> write -> commit -> retain (the read side is in _reader.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from ._args import check_metrics, check_options, check_step, opened_at, steps_text
 from ._directory import CheckpointDirectory
@@ -35,11 +35,6 @@ from .policies import (
     SaveContext,
     SavePolicy,
 )
-
-T = TypeVar("T")
-
-
-
 
 
 class CheckpointManager(CheckpointReader):
