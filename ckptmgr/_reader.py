@@ -298,12 +298,15 @@ class CheckpointReader:
         failures: list[str] = []
         raced = False
         for _attempt in range(READ_RETRIES):
+            listed_before = bool(self._records)
             self._refresh_if_reader()
             with self._mutex:
                 candidates = [self._records[s] for s in sorted(self._records, reverse=True)]
-            if not candidates and raced:
+            if not candidates and (raced or (self._read_only and listed_before)):
                 # A directory listing is no snapshot: while the writer renames a new
-                # checkpoint in and deletes an old one, a listing can miss both.
+                # checkpoint in and deletes an old one, a listing can miss both. A
+                # reader that saw checkpoints before lists again rather than report none.
+                raced = True
                 continue
             raced = False
             for record in candidates:
