@@ -81,20 +81,22 @@ def ensure_directory(path: Path) -> None:
         raise io_error("Cannot create checkpoint directory", path, exc) from exc
 
 
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    _fsync(path, getattr(os, "O_DIRECTORY", 0))
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make the data of file ``path`` durable (not following a symbolic link)."""
+    _fsync(path, getattr(os, "O_NOFOLLOW", 0))
 
 
 class DirectoryLock:
