@@ -149,7 +149,3 @@ def is_regular_file(path: Path) -> bool:
         FileNotFoundError: it does not exist.
     """
     return stat.S_ISREG(os.lstat(path).st_mode)
-
-
-def file_mtime(path: Path) -> float:
-    return os.lstat(path).st_mtime

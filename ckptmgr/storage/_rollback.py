@@ -58,9 +58,7 @@ def read_rollback_marker(directory: Path) -> tuple[str, list[str]] | None:
     """
     try:
         data = json.loads(read_small(directory / ROLLBACK_MARKER))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none (the usual case), or unreadable: nothing to do
         return None
     if not isinstance(data, dict):
         return None
