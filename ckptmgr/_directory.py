@@ -307,7 +307,10 @@ class CheckpointDirectory:
 
     # ------------------------------------------------------------------------ reading
 
-    def load(self, record: Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None) -> Loaded:
+    def load(
+        self, record: Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None,
+        mmap: bool = False,
+    ) -> Loaded:
         """Read (and verify) one checkpoint: its tree (None with ``tree=False``), or a payload's path.
 
         Raises:
@@ -344,7 +347,7 @@ class CheckpointDirectory:
                 manifest = codec.verify_file(path)
                 value = None
             else:
-                value, manifest = codec.read_file(path, verify=verify, select=select)
+                value, manifest = codec.read_file(path, verify=verify, select=select, mmap=mmap)
         if manifest.get("step") != record.info.step:
             raise CorruptCheckpointError(
                 f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}"

@@ -170,7 +170,8 @@ class CheckpointReader:
             )
 
     def restore(
-        self, which: Which = "latest", *, verify: bool = True, select: str | Sequence[str] | None = None
+        self, which: Which = "latest", *, verify: bool = True, select: str | Sequence[str] | None = None,
+        mmap: bool = False,
     ) -> Any:
         """Load a checkpoint's state tree (or, for a payload checkpoint, its file's path).
 
@@ -193,6 +194,13 @@ class CheckpointReader:
                 (``"params"``, ``"params/dense/kernel"``; list items by index), or a
                 list of them. The result keeps the same nesting with only the selected
                 parts; nothing else is read from the file, and what is read is verified.
+            mmap: return arrays as read-only views of the checkpoint file mapped in
+                memory: restore returns at once, and each array is read from disk
+                when first touched (the OS can drop those pages again under memory
+                pressure). The metadata and the layout are verified, the arrays'
+                checksums are not (that would read every byte): run :meth:`verify`
+                to check them. Retention deleting the file does not affect arrays
+                already returned. Payload checkpoints and scalars are read as usual.
 
         Returns:
             The state tree, equal to the one saved (types, dtypes, shapes, values); for
@@ -206,7 +214,7 @@ class CheckpointReader:
             KeyError: a selected key path is not in the checkpoint (the message names it).
             ValueError: ``select`` is malformed, or given for a payload checkpoint.
         """
-        return self._restore(which, verify, parse_select(select))[0]
+        return self._restore(which, verify, parse_select(select), mmap=mmap)[0]
 
     def restore_or_initialize(self, init: Callable[[], T]) -> T | Any:
         """The latest good checkpoint's state, or ``init()`` if there is no checkpoint.
@@ -282,12 +290,14 @@ class CheckpointReader:
             )
         return loaded.value
 
-    def _restore(self, which: Which, verify: bool, select: codec.Selection | None = None) -> tuple[Any, CheckpointInfo]:
+    def _restore(
+        self, which: Which, verify: bool, select: codec.Selection | None = None, *, mmap: bool = False,
+    ) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
             for attempt in range(READ_RETRIES):
                 record = self._resolve(which)
                 try:
-                    value = self._exactly(record, self._dir.load(record, verify=verify, select=select))
+                    value = self._exactly(record, self._dir.load(record, verify=verify, select=select, mmap=mmap))
                 except CheckpointNotFoundError:
                     # A reader racing the writer: "best" may have moved on; list again.
                     if not (self._read_only and which == "best") or attempt == READ_RETRIES - 1:
@@ -311,7 +321,7 @@ class CheckpointReader:
             raced = False
             for record in candidates:
                 try:
-                    loaded = self._dir.load(record, verify=verify, select=select)
+                    loaded = self._dir.load(record, verify=verify, select=select, mmap=mmap)
                 except CheckpointNotFoundError:
                     # Deleted under us (a reader racing the writer's retention, or a
                     # user's rm): list again, a newer checkpoint replaced it.

@@ -10,6 +10,7 @@ the builtin that describes them best, so callers can catch either::
           ├── DirectoryLockedError    (also BlockingIOError)
           ├── StepOrderError          (also ValueError)
           └── CheckpointIOError       (also OSError)
+               └── ObjectStoreError
 
     UserWarning
      └── CheckpointWarning
@@ -18,6 +19,8 @@ the builtin that describes them best, so callers can catch either::
 Errors that come from the operating system (disk full, permission denied, read-only
 file system, I/O error) are raised as :class:`CheckpointIOError`, whose message names
 the path and the cause and whose ``__cause__`` is the original :class:`OSError`.
+Failures of an object store (``s3://``) are raised as :class:`ObjectStoreError`, whose
+``path`` is the object's or the location's URL.
 """
 
 from __future__ import annotations
@@ -77,6 +80,20 @@ class CheckpointIOError(CheckpointError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class ObjectStoreError(CheckpointIOError):
+    """A request to an object store (``s3://``) failed: no such bucket, access denied,
+    server unreachable, timed out, throttled, connection dropped, ...
+
+    The message names the URL and the cause in plain words; ``path`` is the URL of the
+    object or of the location. ``errno`` says which cause, for code that must tell them
+    apart: ``ENOENT`` no such bucket (or object), ``EACCES`` access denied or bad
+    credentials, ``ECONNREFUSED`` connection refused, ``ETIMEDOUT`` timed out,
+    ``ECONNRESET`` connection dropped, ``EAGAIN`` throttled, ``ESTALE`` the object changed
+    while being read, ``EIO`` anything else. ``__cause__`` is an :class:`OSError` with
+    that errno; the client library's own exception is its ``__context__``.
+    """
 
 
 class CheckpointWarning(UserWarning):

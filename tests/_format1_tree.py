@@ -1,7 +1,17 @@
-import numpy as np
-import ml_dtypes
+"""The state tree stored in tests/fixtures/format1.h5, a file of format 1 written by
+ckptmgr at ef46f85 (``codec.write_file(path, format1_tree(), {"step": 7, "time":
+1764650000.0, "metrics": {"loss": 0.25}})``): every kind of leaf, odd keys, empty
+containers. Kept so that files written before format 2 are tested to restore."""
 
-def format1_tree():
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+
+def format1_tree() -> dict[str, Any]:
     rng = np.random.default_rng(20261202)
     return {
         "params": {f"layer{i}": {"w": rng.standard_normal((8, 4)).astype(np.float32),

@@ -72,6 +72,21 @@ def record(area: str, test: str, counts: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------ content
 
 
+def leaf_offset(path: str | os.PathLike[str], h5path: str) -> int:
+    """Where the bytes of the leaf at ``h5path`` (``"/state/params/w"``) start in the file:
+    its own dataset's offset, or for a packed leaf the pack's offset plus its place."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if h5path in f:
+            return int(f[h5path].id.get_offset())
+        manifest = json.loads(f[codec.MANIFEST][()].tobytes())
+        for _keys, where, node in codec.iter_leaves(manifest["tree"]):
+            if where == h5path:
+                return int(f["ckptmgr_packed"].id.get_offset()) + int(node["at"])
+    raise KeyError(h5path)
+
+
 def state_for(step: int, n: int = 2000) -> dict[str, Any]:
     """The state saved at ``step``: arrays, scalars, strings, bytes, nesting."""
     return {

@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# ------------------------------------------------------------------------ file layout
+
+
+@pytest.fixture
+def unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files written in this test store every leaf as its own dataset (format 2 packs
+    leaves under ``codec._format.PACK_THRESHOLD`` bytes into one): the layout of big
+    leaves, for tests that damage or craft one leaf's dataset."""
+    from ckptmgr.codec import _format
+
+    monkeypatch.setattr(_format, "PACK_THRESHOLD", 0)
+
+
 # --------------------------------------------------------------------- tree equality
 
 

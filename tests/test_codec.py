@@ -25,6 +25,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 import pytest
+from _reliability import leaf_offset
 from _trees import assert_tree_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -205,14 +206,28 @@ def test_numpy_scalars_stay_numpy_scalars_and_arrays_stay_arrays(tmp_path: Path)
 
 
 def test_checkpoint_is_readable_with_plain_h5py(tmp_path: Path) -> None:
+    """Big leaves are datasets under their key path; small ones are found through the
+    pack's index table (name, dtype, shape, offset, size), as a person with h5py or
+    HDFView would; the manifest is JSON."""
     w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    big = np.arange(2**16, dtype=np.float64)  # 512 KiB: above the packing threshold
     with ckptmgr.CheckpointManager(tmp_path) as mgr:
-        info = mgr.save(3, {"params": {"w": w}, "opt": [np.int64(5)], "a/b": np.ones(2)})
+        info = mgr.save(3, {"params": {"w": w, "big": big}, "opt": [np.int64(5)], "a/b": np.ones(2)})
     assert info is not None
     with h5py.File(info.path, "r") as f:
-        np.testing.assert_array_equal(f["state/params/w"][()], w)
-        assert f["state/opt/0"][()] == 5
-        assert f.attrs["ckptmgr_format"] == 1
+        assert f.attrs["ckptmgr_format"] == 2
+        np.testing.assert_array_equal(f["state/params/big"][()], big)
+        index = {row["name"].decode(): row for row in f["ckptmgr_packed_index"][()]}
+        assert sorted(index) == ["/state/opt/0", "/state/params/w", "/state/~2"]
+        packed = f["ckptmgr_packed"][()]
+
+        def packed_leaf(name: str) -> np.ndarray:
+            row = index[name]
+            raw = packed[row["offset"]:row["offset"] + row["nbytes"]]
+            return raw.view(np.dtype(row["dtype"].decode())).reshape(json.loads(row["shape"]))
+
+        np.testing.assert_array_equal(packed_leaf("/state/params/w"), w)
+        assert packed_leaf("/state/opt/0") == 5
         manifest = json.loads(f["ckptmgr_manifest"][()].tobytes())
     assert manifest["step"] == 3
     # The key that is not a plain HDF5 name is described in the manifest.
@@ -368,11 +383,13 @@ def test_truncation_at_any_length_is_corrupt(tmp_path: Path) -> None:
             codec.read_meta(damaged)
 
 
-def test_flipped_array_byte_fails_its_checksum(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["packed", "unpacked"])
+def test_flipped_array_byte_fails_its_checksum(tmp_path: Path, layout: str, request: pytest.FixtureRequest) -> None:
+    if layout == "unpacked":
+        request.getfixturevalue("unpacked")
     path = tmp_path / "x.h5"
     codec.write_file(path, _sample_tree(), {"step": 1})
-    with h5py.File(path, "r") as f:
-        offset = f["state/w"].id.get_offset()
+    offset = leaf_offset(path, "/state/w")
     data = path.read_bytes()
     path.write_bytes(_flip(data, offset + 4 * 100 + 1, 3))
     assert codec.read_meta(path)["step"] == 1  # the manifest itself is intact
@@ -406,6 +423,7 @@ def test_hostile_manifest_cannot_make_the_reader_allocate_without_bound(tmp_path
         codec.read_file(path)
 
 
+@pytest.mark.usefixtures("unpacked")  # one dataset per leaf, as big leaves are stored
 def test_links_in_the_file_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
     codec.write_file(path, {"w": np.zeros(4), "v": np.ones(4)}, {"step": 1})
@@ -472,6 +490,7 @@ def _multi_slab_tree() -> dict[str, Any]:
     }
 
 
+@pytest.mark.usefixtures("unpacked")  # one dataset per leaf, as big leaves are stored
 @pytest.mark.parametrize("direct", [True, False], ids=["pread", "hdf5-read"])
 def test_both_read_paths_return_the_tree_and_catch_a_flip_in_any_slab(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
@@ -512,6 +531,7 @@ def test_both_read_paths_return_the_tree_and_catch_a_flip_in_any_slab(
         assert_tree_equal(damaged["c"], tree["c"])
 
 
+@pytest.mark.usefixtures("unpacked")  # one dataset per leaf, as big leaves are stored
 def test_a_compact_dataset_is_read_through_hdf5_and_verified(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
     tree = {"w": np.arange(50, dtype=np.float32), "v": np.ones(3)}
@@ -547,6 +567,7 @@ def test_a_verified_read_allocates_only_the_state(tmp_path: Path) -> None:
     assert nbytes <= peak < nbytes + 256 * 1024
 
 
+@pytest.mark.usefixtures("unpacked")  # one dataset per leaf, as big leaves are stored
 def test_reads_close_everything_they_open_also_when_they_refuse_a_file(tmp_path: Path) -> None:
     """Nothing stays open in HDF5 after a read, even while the error of a refused file
     (and with it the reader's frames) is alive: an object left open keeps its file open."""

@@ -47,7 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from _reliability import MONITOR, copy_directory, payload_bytes, record, state_for, writes
+from _reliability import MONITOR, copy_directory, leaf_offset, payload_bytes, record, state_for, writes
 from _trees import assert_tree_equal
 
 import ckptmgr
@@ -60,6 +60,7 @@ from ckptmgr import (
     codec,
     storage,
 )
+from ckptmgr.codec import _format
 
 STEPS = (1, 2, 3, 4, 5)
 PAYLOAD_STEPS = (2, 4)
@@ -67,6 +68,16 @@ METRICS = {1: 0.9, 2: 0.5, 3: 0.2, 4: 0.6, 5: 0.7}
 BEST = 3
 DEFAULT_CASES = 1000
 SLOW_CASES = 5_000
+
+
+@pytest.fixture(scope="module", autouse=True, params=["packed", "unpacked"])
+def layout(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both layouts of format 2: small leaves packed into one dataset
+    (what is written), and every leaf its own dataset (the layout of big leaves)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "unpacked":
+            patch.setattr(_format, "PACK_THRESHOLD", 0)
+        yield str(request.param)
 
 
 def _name(step: int) -> str:
@@ -262,11 +273,11 @@ def _tamper_hdf5(rng: random.Random, directory: Path) -> Damage:
                        "dataset values", "extra dataset", "missing dataset"])
     with h5py.File(path, "r+") as f:
         if what == "format attribute":
-            f.attrs["ckptmgr_format"] = rng.choice([2, 0, "1", 1.5])
+            f.attrs["ckptmgr_format"] = rng.choice([3, 0, "2", 1.5])
         elif what == "manifest CRC attribute":
             f.attrs["ckptmgr_manifest_crc32"] = rng.choice([np.uint32(1), "x", np.float64(3)])
         else:
-            target = rng.choice(["state/w", "state/t/0", "state/step"])
+            target = rng.choice([name for name in ("state/w", "state/t/0", "state/step", "ckptmgr_packed") if name in f])
             data = f[target][()]
             if what == "missing dataset":
                 del f[target]
@@ -582,8 +593,7 @@ def _flip(path: Path, position: int, bit: int = 0, *, keep_mtime: bool = False) 
 
 
 def _data_offset(path: Path, dataset: str = "state/w") -> int:
-    with h5py.File(path, "r") as f:
-        return int(f[dataset].id.get_offset())
+    return leaf_offset(path, "/" + dataset)
 
 
 def _assert_falls_back(directory: Path, bad: Path, expected_step: int, **kwargs: Any) -> None:

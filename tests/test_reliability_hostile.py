@@ -51,8 +51,18 @@ from ckptmgr import (
     codec,
     storage,
 )
+from ckptmgr.codec import _format
 
 MEMORY_LIMIT = 48 * 1024 * 1024  # what reading any hostile file here may allocate (tracemalloc peak)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _each_leaf_its_own_dataset() -> Iterator[None]:
+    """The crafting below targets one leaf's dataset: every leaf gets one (format 2 packs
+    small leaves into one dataset; the pack's own hostile cases are in test_format.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_format, "PACK_THRESHOLD", 0)
+        yield
 
 
 class Outside:
@@ -243,7 +253,8 @@ def _hard_links(path: Path, out: Path) -> None:
     with h5py.File(path, "r+") as f:
         f["state/big"] = np.zeros(2**17)
         manifest = _manifest(f)
-        node = {"t": "ndarray", "dtype": "<f8", "shape": [2**17], "crc": zlib.crc32(bytes(2**20))}
+        crc = _format._LEAF_CHECKSUMS[manifest["checksum"]](bytes(2**20), 0)  # each name verifies
+        node = {"t": "ndarray", "dtype": "<f8", "shape": [2**17], "crc": crc}
         items = [[f"k{i}", node] for i in range(200)]
         for i in range(200):
             f[f"state/k{i}"] = f["state/big"]

@@ -18,9 +18,20 @@ except ImportError:  # pragma: no cover - crc32c is a dependency; zlib keeps wor
     _crc32c = None
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = frozenset({1, 2})
 MANIFEST = "ckptmgr_manifest"
 STATE = "state"
+# Format 2: leaves smaller than PACK_THRESHOLD bytes are stored back to back in one
+# uint8 dataset (PACK), each at a multiple of PACK_ALIGN bytes; PACK_INDEX is a table
+# naming them, for people (readers use the manifest). Datasets of FILE_ALIGN_THRESHOLD
+# bytes or more start at a multiple of FILE_ALIGN in the file (page-aligned for mmap).
+PACK = "ckptmgr_packed"
+PACK_INDEX = "ckptmgr_packed_index"
+PACK_THRESHOLD = 256 * 1024
+PACK_ALIGN = 64
+FILE_ALIGN = 4096
+FILE_ALIGN_THRESHOLD = 64 * 1024
 MAX_DEPTH = 200
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 32
@@ -62,6 +73,17 @@ _START_BYTES = 4 * 1024 * 1024
 _READ_SLAB_BYTES = 1024 * 1024
 
 
+def packed_seed(crc: Callable[[Any, int], int], h5path: str, dtype: object, shape: object) -> int:
+    """Where a packed leaf's checksum starts: the checksum of its name, dtype and shape.
+
+    A packed leaf is raw bytes at an offset; nothing else in the file ties them to a key
+    or a type. Folding those into its checksum makes a manifest that moves a leaf to
+    another key, or reads it as another dtype or shape, fail verification (a leaf in a
+    dataset of its own gets the same from HDF5: its name, type and shape).
+    """
+    return crc(f"{h5path}:{dtype}:{shape}".encode("utf-8", "surrogatepass"), 0)
+
+
 def _leaf_checksum(manifest: Mapping[str, Any], where: str) -> Callable[[Any, int], int]:
     name = manifest.get("checksum")
     fn = _LEAF_CHECKSUMS.get(name) if isinstance(name, str) else None
@@ -93,8 +115,22 @@ def _is_numpy_native(dtype: np.dtype[Any]) -> bool:
             and dtype.type.__module__ == "numpy")
 
 
+_dtype_names: dict[np.dtype[Any], str | None] = {}  # _dtype_to_str's answers so far
+
+
 def _dtype_to_str(dtype: np.dtype[Any]) -> str | None:
     """The manifest name of a supported dtype, or None if the dtype is not supported."""
+    try:
+        return _dtype_names[dtype]
+    except KeyError:
+        pass
+    name = _dtype_name(dtype)
+    if len(_dtype_names) < 1024:
+        _dtype_names[dtype] = name
+    return name
+
+
+def _dtype_name(dtype: np.dtype[Any]) -> str | None:
     if _is_numpy_native(dtype):
         return str(dtype.str)
     mld = _ml_dtypes()

@@ -38,10 +38,12 @@ def _child_name(key: str, position: int) -> str:
 
 
 def _encode_leaf(value: Any, where: tuple[str | int, ...]) -> tuple[str, np.ndarray[Any, Any] | None]:
+    vtype = type(value)
+    if vtype is np.ndarray and _dtype_to_str(value.dtype) is not None and value.ndim <= MAX_NDIM:
+        return "ndarray", value  # the usual leaf first
     # bool before int: bool is a subclass of int.
     if value is None:
         return "none", None
-    vtype = type(value)
     if vtype is bool:
         return "bool", np.array(value, dtype=np.bool_)
     if vtype is int:
@@ -135,7 +137,14 @@ def encode_tree(tree: Tree) -> EncodedTree:
                         f"Expected str dict keys at {_keystr(where)}. Received: key={key!r}"
                     )
                 name = _child_name(key, position)
-                items.append([key, walk(child, (*where, key), f"{h5path}/{name}")])
+                if type(child) is np.ndarray and _dtype_to_str(child.dtype) is not None and child.ndim <= MAX_NDIM:
+                    # The usual leaf, without a call per leaf.
+                    leaf = {"t": "ndarray", "dtype": _dtype_to_str(child.dtype), "shape": list(child.shape),
+                            "_h5path": f"{h5path}/{name}"}
+                    leaves.append(_Leaf(leaf, child))
+                    items.append([key, leaf])
+                else:
+                    items.append([key, walk(child, (*where, key), f"{h5path}/{name}")])
             return {"t": "dict", "items": items}
         if vtype is list or vtype is tuple:
             return {
@@ -250,7 +259,9 @@ def _build(
         if kind == "dict":
             out: dict[str, Any] = {}
             for position, (key, child) in enumerate(node["items"]):
-                if sel is None or key in sel:
+                if sel is None and type(child) is dict and child.get("t") == "ndarray":
+                    out[key] = leaf_value(child, f"{h5path}/{_child_name(key, position)}")
+                elif sel is None or key in sel:
                     out[key] = build(child, f"{h5path}/{_child_name(key, position)}", depth + 1,
                                      None if sel is None else sel[key], (*keys, key))
             if sel is None and len(out) != len(node["items"]):
@@ -295,10 +306,9 @@ def describe_leaves(manifest: Mapping[str, Any], where: str) -> list[LeafInfo]:
 
 def _validate_shape(node: dict[str, Any], where: str) -> tuple[int, ...]:
     shape = node.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(type(n) is int and 0 <= n < 2**62 for n in shape)
-    ):
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
+    for n in shape:
+        if type(n) is not int or not 0 <= n < 2**62:
+            raise CorruptCheckpointError(f"{where}: invalid shape {shape!r}")
     return tuple(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -9,23 +10,29 @@ from typing import Any, Protocol
 
 import h5py
 import numpy as np
+from h5py import h5d, h5p
 
 from . import _format
 from ._format import (
-    _CONTAINERS,
     _LEAF_CHECKSUMS,
     _SLAB_BYTES,
     _START_BYTES,
     _WRITEBACK_BYTES,
+    FILE_ALIGN,
+    FILE_ALIGN_THRESHOLD,
     FORMAT_VERSION,
     LEAF_CHECKSUM_NAME,
     MANIFEST,
+    PACK,
+    PACK_ALIGN,
+    PACK_INDEX,
     STATE,
     Tree,
     _is_raw,
     checksum,
+    packed_seed,
 )
-from ._tree import EncodedTree, _child_name, _Leaf, encode_tree
+from ._tree import EncodedTree, _Leaf, encode_tree
 
 
 class Writeback(Protocol):
@@ -133,29 +140,57 @@ class _Progress:
             self._unstarted = 0
 
 
+def _stored(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The array as the file stores it: C order; dtypes HDF5 cannot describe as uint8
+    with a trailing axis of the item size; bools as bytes 0/1."""
+    data = _c_order(array)
+    if _is_raw(data.dtype):
+        data = data.reshape(-1).view(np.uint8).reshape((*data.shape, data.dtype.itemsize))
+    elif data.dtype.kind == "b":
+        data = np.not_equal(data.view(np.uint8), 0)
+    return data
+
+
 def _write_h5(
     sink: _WriteSink, spec: dict[str, Any], leaves: list[_Leaf], meta: Mapping[str, Any],
     writeback: Writeback,
 ) -> int:
+    """Write format 2: small leaves packed into one dataset, big ones one dataset each.
+
+    HDF5 only creates the datasets (allocated at once, never filled) and writes its own
+    metadata; the arrays' bytes go to the file with ``pwritev`` at the offsets HDF5
+    allocated, many small leaves per call: no per-leaf HDF5 call.
+    """
     crc = _LEAF_CHECKSUMS[LEAF_CHECKSUM_NAME]
     total = 0
     progress = _Progress(writeback)
-    with h5py.File(sink, "w", locking=False) as f:
-        for leaf in leaves:
-            node = leaf.node
-            h5path = node.pop("_h5path")
-            data = _c_order(leaf.array)
-            if _is_raw(data.dtype):
-                data = data.reshape(-1).view(np.uint8).reshape((*data.shape, data.dtype.itemsize))
-            if data.nbytes <= progress.slab_bytes() or data.dtype.kind == "b" or data.shape[0] < 2:
-                node["crc"] = crc(_contiguous_bytes(data), 0)
+    pack = _Pack()
+    big: list[tuple[_Leaf, np.ndarray[Any, Any], str]] = []
+    for leaf in leaves:
+        node = leaf.node
+        h5path = node.pop("_h5path")
+        array = leaf.array
+        total += array.nbytes
+        if array.nbytes < _format.PACK_THRESHOLD:
+            pack.add(node, _contiguous_bytes(array), h5path, crc)
+        else:
+            big.append((leaf, _stored(array), h5path))
+    with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
+                   alignment_interval=FILE_ALIGN) as f:
+        f.require_group(STATE)
+        if pack.names:
+            ds = _allocate(f, "/" + PACK, (pack.nbytes,), np.dtype(np.uint8))
+            pack.write(sink, _dataset_offset(ds, "/" + PACK, pack.nbytes), progress)
+            f.create_dataset(PACK_INDEX, data=pack.index())
+        for leaf, data, h5path in big:
+            if data.ndim == 0:
+                # HDF5 never allocates a scalar dataset early: it writes this one itself
+                # (only written this way when nothing is packed: 0-d leaves are tiny).
+                leaf.node["crc"] = crc(_contiguous_bytes(data), 0)
                 f.create_dataset(h5path, data=data)
-                progress.wrote(data.nbytes)
-            else:
-                ds = f.create_dataset(h5path, shape=data.shape, dtype=data.dtype)
-                node["crc"] = _write_slabs(ds, data, crc, progress)
-            total += data.nbytes
-        _create_empty_groups(f, spec, "/" + STATE)
+                continue
+            ds = _allocate(f, h5path, data.shape, data.dtype)
+            leaf.node["crc"] = _write_slabs(sink, _dataset_offset(ds, h5path, data.nbytes), data, crc, progress)
         manifest = dict(meta)
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=total, tree=spec)
         blob = json.dumps(manifest, separators=(",", ":"), allow_nan=True).encode("utf-8")
@@ -173,24 +208,106 @@ def _write_h5(
     return total
 
 
+_PADS = [bytes(n) for n in range(PACK_ALIGN)]
+
+
+class _Pack:
+    """The small leaves, back to back at multiples of PACK_ALIGN: one dataset."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.buffers: list[Any] = []  # the leaves' bytes and the zeros between them
+        self.names: list[str] = []
+        self.nodes: list[dict[str, Any]] = []
+        self.sizes: list[int] = []
+
+    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str, crc: Callable[[Any, int], int]) -> None:
+        """Place a leaf (``raw``: its bytes) and record where and its checksum in ``node``."""
+        nbytes = raw.nbytes
+        node["at"] = self.nbytes
+        node["crc"] = crc(raw, packed_seed(crc, h5path, node["dtype"], node["shape"]))
+        gap = -nbytes % PACK_ALIGN
+        if nbytes:
+            self.buffers.append(raw)
+        if gap:
+            self.buffers.append(_PADS[gap])
+        self.nbytes += nbytes + gap
+        self.names.append(h5path)
+        self.nodes.append(node)
+        self.sizes.append(nbytes)
+
+    def write(self, sink: _WriteSink, offset: int, progress: _Progress) -> None:
+        """Write it at ``offset`` in the file: many buffers per ``pwritev``."""
+        buffers = self.buffers
+        first = 0
+        batch_bytes = 0
+        for position, buffer in enumerate(buffers):
+            batch_bytes += len(buffer)
+            if position + 1 - first >= _IOV_BATCH or batch_bytes >= progress.slab_bytes():
+                sink.pwritev(buffers[first:position + 1], offset)
+                progress.wrote(batch_bytes)
+                offset += batch_bytes
+                first, batch_bytes = position + 1, 0
+        if first < len(buffers):
+            sink.pwritev(buffers[first:], offset)
+            progress.wrote(batch_bytes)
+
+    def index(self) -> np.ndarray[Any, Any]:
+        """A table of the packed leaves for people reading the file with h5py or HDFView:
+        name (the HDF5 path the leaf would have), dtype, shape, offset and size in the
+        pack. Readers never use it: the manifest is the authority."""
+        names = [name.encode("utf-8", "surrogatepass") for name in self.names]
+        table = np.empty(len(names), dtype=[
+            ("name", f"S{max(map(len, names))}"), ("dtype", "S16"), ("shape", "S64"),
+            ("offset", "<u8"), ("nbytes", "<u8"),
+        ])
+        table["name"] = names
+        table["dtype"] = [node["dtype"] for node in self.nodes]
+        table["shape"] = [str(node["shape"])[:64] for node in self.nodes]
+        table["offset"] = [node["at"] for node in self.nodes]
+        table["nbytes"] = self.sizes
+        return table
+
+
+def _allocate(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> h5py.Dataset:
+    """A contiguous dataset whose file space is allocated now and never filled by HDF5."""
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_layout(h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+    return f.create_dataset(h5path, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def _dataset_offset(ds: h5py.Dataset, h5path: str, nbytes: int) -> int:
+    """Where HDF5 allocated ``ds``'s ``nbytes`` bytes in the file."""
+    offset = ds.id.get_offset()
+    if nbytes and (offset is None or ds.id.get_storage_size() != nbytes):
+        # Writing at a guessed offset would overwrite the file's own structure.
+        raise RuntimeError(f"HDF5 did not allocate {h5path} ({nbytes} bytes) when it was created")
+    return int(offset or 0)
+
+
 def _write_slabs(
-    ds: h5py.Dataset, data: np.ndarray[Any, Any], crc: Callable[[Any, int], int], progress: _Progress,
+    sink: _WriteSink, offset: int, data: np.ndarray[Any, Any], crc: Callable[[Any, int], int],
+    progress: _Progress,
 ) -> int:
-    """Write a big C-ordered array in slabs of rows; return the checksum of its bytes.
+    """Write a big C-ordered array at ``offset`` in slabs; return the checksum of its bytes.
 
     Each slab is checksummed right before it is written, while it is in cache.
     """
     flat = data.reshape(-1).view(np.uint8)
-    row_bytes = data.nbytes // data.shape[0]  # > 0: an empty array is written whole
     value = 0
     start = 0
-    while start < data.shape[0]:
-        stop = min(start + max(1, progress.slab_bytes() // row_bytes), data.shape[0])
-        value = crc(flat[start * row_bytes:stop * row_bytes], value)
-        ds.write_direct(data, np.s_[start:stop], np.s_[start:stop])
-        progress.wrote((stop - start) * row_bytes)
+    while start < flat.nbytes:
+        stop = min(start + progress.slab_bytes(), flat.nbytes)
+        value = crc(flat[start:stop], value)
+        sink.pwritev([flat[start:stop]], offset + start)
+        progress.wrote(stop - start)
         start = stop
     return value
+
+
+_IOV_BATCH = 512  # buffers per pwritev (the OS takes up to IOV_MAX, 1024 on Linux)
 
 
 class _WriteSink:
@@ -236,6 +353,27 @@ class _WriteSink:
         nbytes = memoryview(buffer).nbytes
         return int(self._guard(lambda: self._fh.write(buffer), nbytes))
 
+    def pwritev(self, buffers: list[Any], offset: int) -> None:
+        """Write ``buffers`` back to back at ``offset`` (all of them: short writes resumed)."""
+        if self.error is not None:
+            return
+        fd = self._fh.fileno()
+        views = buffers  # 1-D uint8 arrays and bytes: buffers of bytes as they are
+        first = 0
+        try:
+            while first < len(views):
+                done = os.pwritev(fd, views[first:first + _IOV_BATCH], offset)
+                if done <= 0:
+                    raise OSError(errno.EIO, f"pwritev wrote nothing at offset {offset}")
+                offset += done
+                while first < len(views) and done >= len(views[first]):
+                    done -= len(views[first])
+                    first += 1
+                if done:  # a short write: resume inside this buffer
+                    views = [*views[:first], memoryview(views[first]).cast("B")[done:], *views[first + 1:]]
+        except OSError as exc:
+            self.error = exc
+
     def truncate(self, size: int | None = None) -> int:
         return int(self._guard(lambda: self._fh.truncate(size), size or 0))
 
@@ -245,17 +383,3 @@ class _WriteSink:
     def close(self) -> None:
         self._guard(self._fh.close, None)
         self._fh.close()
-
-
-def _create_empty_groups(f: h5py.File, spec: dict[str, Any], h5path: str) -> None:
-    """Containers with no stored leaf still appear as groups, for plain-h5py readers."""
-    kind = spec["t"]
-    if kind not in _CONTAINERS:
-        return
-    f.require_group(h5path)
-    for position, item in enumerate(spec["items"]):
-        if kind == "dict":
-            key, child = item
-            _create_empty_groups(f, child, f"{h5path}/{_child_name(key, position)}")
-        else:
-            _create_empty_groups(f, item, f"{h5path}/{position}")
