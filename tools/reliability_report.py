@@ -96,13 +96,28 @@ FIXED: list[dict[str, str]] = [
         "id": "F7", "where": "codec.read_file / verify_file", "found by": "test_hostile_file_is_refused[hard-links-multiplying-a-dataset], test_the_hostile_files_in_a_child_under_an_address_space_limit",
         "what": "One stored dataset under many HDF5 hard links passed every per-leaf check: a 1 MB file made the "
                 "reader allocate 200 MB (and N times more with N links).",
-        "fix": "Refuse a tree whose arrays add up to more bytes than the file has, before allocating anything.",
+        "fix": "Refuse a tree whose arrays add up to more bytes than the file has: before allocating anything "
+               "(format 1), and in format 2 before each array is allocated (the running total; one pass fewer).",
     },
     {
         "id": "F8", "where": "codec.iter_leaves", "found by": "test_hostile_file_is_refused[many-items-and-a-repeated-key]",
         "what": "verify_file (CheckpointManager.verify) accepted a manifest with a dict key repeated 1,000 times "
                 "(reading the same leaf 1,000 times) that read_file refuses.",
         "fix": "Duplicate dict keys are refused while the tree is validated, before any read.",
+    },
+    {
+        "id": "F9", "where": "codec format 2 (packed leaves)", "found by": "test_fuzzed_damage_is_always_detected[packed] (tampered manifest: safe key, dtype)",
+        "what": "A packed leaf is raw bytes at an offset: a re-signed manifest that renamed a key, or read an <f8 "
+                "leaf as <c8, restored wrong data without an error (with a dataset per leaf, HDF5's name, type "
+                "and shape had caught both).",
+        "fix": "A packed leaf's checksum starts from the checksum of its path, dtype and shape (codec packed_seed).",
+    },
+    {
+        "id": "F10", "where": "codec._write (format 2)", "found by": "test_truncated_newest_falls_back[unpacked-*] and the other corruption tests on the unpacked layout",
+        "what": "HDF5 does not allocate a scalar dataset early; the writer took its missing offset as 0 and "
+                "pwrote the value over the file's superblock (every such file unreadable).",
+        "fix": "A 0-d leaf of its own is written by HDF5; a dataset whose allocation is missing or of the wrong "
+               "size raises instead of being written at a guessed offset.",
     },
 ]
 
@@ -194,6 +209,12 @@ NOTICED: list[str] = [
     "100 bytes per leaf.",
     "**codec.verify_file checks checksums and structure, not leaf kinds.** A re-signed manifest that calls a "
     "uint8 leaf \"str\" when it is not UTF-8 passes verify() but fails restore().",
+    "**`restore(mmap=True)` does not check the arrays' checksums.** It checks the manifest's checksum, the "
+    "layout and every offset and size against the file, then maps the file; checking the arrays would read "
+    "every byte, which is what mapping avoids. A flipped bit in an array is returned as it is "
+    "(test_mmap_restore_checks_the_metadata_and_verify_checks_the_arrays); `verify()` finds it. A file "
+    "truncated while mapped would raise SIGBUS on access; ckptmgr never truncates a committed file, it only "
+    "unlinks it, which leaves mapped arrays valid.",
     "**A consistent, re-signed edit is undetectable without a secret key.** This covers a manifest with its "
     "CRC recomputed that changes a metric, a dict key stored as `~N`, a container type or key order, and a "
     "sidecar with its step or metrics changed. The fuzz does not generate such edits. Every edit that "

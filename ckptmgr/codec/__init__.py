@@ -518,6 +518,7 @@ class _Leaves:
             with open(f.where, "rb") as fh:
                 self.map = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         self.claimed = 0
+        self.filesize = f.filesize()
         self._pack: tuple[int, int] | None = None
         self._buffer: np.ndarray[Any, Any] | None = None
 
@@ -543,15 +544,15 @@ class _Leaves:
         # reading each would allocate its size again, a 1 MB file making the reader
         # allocate gigabytes. So the arrays read never add up to more than the file.
         self.claimed += nbytes
-        if self.claimed > self.f.filesize():
+        if self.claimed > self.filesize:
             raise CorruptCheckpointError(
                 f"{where}: the tree claims more bytes of arrays ({self.claimed} by {h5path}) "
-                f"than the file has ({self.f.filesize()})"
+                f"than the file has ({self.filesize})"
             )
-        if "at" not in node:
+        at = node.get("at")
+        if at is None:
             return _read_leaf(self.f, node, h5path, self.crc, self.fd, self.map)
-        at = node["at"]
-        base, size = self.pack()
+        base, size = self._pack or self.pack()
         if type(at) is not int or at < 0 or at + nbytes > size:
             raise CorruptCheckpointError(f"{where}: {h5path} lies outside the packed leaves ({at!r})")
         if self.map is not None:

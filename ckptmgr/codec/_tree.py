@@ -29,8 +29,9 @@ from ._format import (
 
 @dataclass
 class _Leaf:
-    node: dict[str, Any]
+    node: dict[str, Any]  # its description in the manifest's tree
     array: np.ndarray[Any, Any]
+    h5path: str  # where it is stored (or would be, packed)
 
 
 def _child_name(key: str, position: int) -> str:
@@ -110,7 +111,7 @@ class EncodedTree:
 
     def copied(self) -> EncodedTree:
         """The same tree with private copies of its arrays (the caller may change its own)."""
-        return EncodedTree(self.spec, [_Leaf(leaf.node, leaf.array.copy()) for leaf in self.leaves])
+        return EncodedTree(self.spec, [_Leaf(leaf.node, leaf.array.copy(), leaf.h5path) for leaf in self.leaves])
 
 
 def encode_tree(tree: Tree) -> EncodedTree:
@@ -139,9 +140,8 @@ def encode_tree(tree: Tree) -> EncodedTree:
                 name = _child_name(key, position)
                 if type(child) is np.ndarray and _dtype_to_str(child.dtype) is not None and child.ndim <= MAX_NDIM:
                     # The usual leaf, without a call per leaf.
-                    leaf = {"t": "ndarray", "dtype": _dtype_to_str(child.dtype), "shape": list(child.shape),
-                            "_h5path": f"{h5path}/{name}"}
-                    leaves.append(_Leaf(leaf, child))
+                    leaf = {"t": "ndarray", "dtype": _dtype_to_str(child.dtype), "shape": list(child.shape)}
+                    leaves.append(_Leaf(leaf, child, f"{h5path}/{name}"))
                     items.append([key, leaf])
                 else:
                     items.append([key, walk(child, (*where, key), f"{h5path}/{name}")])
@@ -164,8 +164,7 @@ def encode_tree(tree: Tree) -> EncodedTree:
         if array is not None:
             dtype_name = _dtype_to_str(array.dtype)
             node.update(dtype=dtype_name, shape=list(array.shape))
-            leaves.append(_Leaf(node, array))
-            node["_h5path"] = h5path
+            leaves.append(_Leaf(node, array, h5path))
         return node
 
     try:

@@ -168,7 +168,7 @@ def _write_h5(
     big: list[tuple[_Leaf, np.ndarray[Any, Any], str]] = []
     for leaf in leaves:
         node = leaf.node
-        h5path = node.pop("_h5path")
+        h5path = leaf.h5path
         array = leaf.array
         total += array.nbytes
         if array.nbytes < _format.PACK_THRESHOLD:
