@@ -27,7 +27,7 @@ from ._format import (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Leaf:
     node: dict[str, Any]  # its description in the manifest's tree
     array: np.ndarray[Any, Any]
