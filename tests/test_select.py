@@ -105,8 +105,10 @@ def test_a_corrupt_unselected_leaf_does_not_fail_a_selected_read(
 ) -> None:
     if layout == "unpacked":
         request.getfixturevalue("unpacked")
+    # Packed leaves are verified by 1 MiB block: "fill" puts "m" in another block than "w".
+    fill = [np.zeros(25_000) for _ in range(6)]
     with ckptmgr.CheckpointManager(tmp_path / "run") as mgr:
-        mgr.save(1, {"params": {"w": np.ones(16)}, "opt": {"m": np.arange(64.0)}})
+        mgr.save(1, {"params": {"w": np.ones(16)}, "opt": {"fill": fill, "m": np.arange(64.0)}})
     path = tmp_path / "run" / "ckpt-000000001.h5"
     data = bytearray(path.read_bytes())
     data[leaf_offset(path, "/state/opt/m")] ^= 0xFF

@@ -27,10 +27,14 @@ Format 1 (files written before format 2) has no pack: every leaf is a dataset un
 The manifest holds the checkpoint's own metadata (``step``, ``time``, ``metrics``,
 ``tracker``, ``nbytes``, ``checksum``) and ``tree``, the authoritative description of
 the state: container types, dict keys in order, and for each leaf its kind, dtype,
-shape, checksum and, for a packed leaf, ``at``: its offset in the pack. A packed leaf's
-checksum starts from the checksum of its path, dtype and shape (``packed_seed``), so a
-manifest that moves it to another key or reads it as another type fails verification,
-as a dataset's name, type and shape do for a big leaf. Leaves are stored as (a
+shape and, for a leaf of its own, its checksum; a packed leaf has ``at``, its offset
+in the pack, instead. The pack is verified by a checksum per 1 MiB block
+(``/ckptmgr_packed_crc``), each started from the manifest's own CRC-32: the packed bytes
+verify only under the manifest that describes them, so a manifest edited to move a leaf
+to another key or read it as another type (and re-signed) fails verification, as a
+dataset's name, type and shape make it fail for a leaf of its own. Per-leaf checksums
+cost more than the bytes of a small leaf (a call, and an entry in the manifest to write
+and parse). Leaves are stored as (a
 packed leaf holds the same bytes, the dtypes HDF5 cannot describe as raw bytes, bools
 as bytes 0/1):
 
@@ -109,6 +113,8 @@ from ._format import (
     MAX_MANIFEST_BYTES,
     MAX_NDIM,
     PACK,
+    PACK_BLOCK,
+    PACK_CRC,
     READABLE_FORMATS,
     STATE,
     Tree,
@@ -116,7 +122,7 @@ from ._format import (
     _is_raw,
     _leaf_checksum,
     checksum,
-    packed_seed,
+    gc_paused,
 )
 from ._sidecar import decode_sidecar, encode_sidecar
 from ._tree import (
@@ -222,6 +228,7 @@ class _File:
         self.where = os.fspath(path)
         self.id = _open(path).id
         self.size = 0
+        self.manifest_crc = 0  # the manifest's CRC-32, once read (packed blocks start from it)
         self._groups: list[tuple[str, Any]] = [("", self.id)]  # open groups, root first
 
     def __enter__(self) -> _File:
@@ -324,6 +331,7 @@ def _read_manifest(f: _File) -> dict[str, Any]:
     expected = _int_attribute(f, b"ckptmgr_manifest_crc32")
     if type(expected) is not int or checksum(blob) != expected:
         raise CorruptCheckpointError(f"{where}: manifest checksum mismatch")
+    f.manifest_crc = expected
     try:
         manifest = json.loads(blob.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -355,7 +363,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         CorruptCheckpointError: not a ckptmgr file, or its manifest is damaged.
         OSError: the file could not be read.
     """
-    with _reading(os.fspath(path)), _File(path) as f:
+    with _reading(os.fspath(path)), _File(path) as f, gc_paused():
         return _read_manifest(f)
 
 
@@ -502,13 +510,18 @@ class _Leaves:
     """Reads a file's leaves: from their own datasets, or from the pack (format 2).
 
     ``whole``: every leaf will be read, so the pack is read in one pass, into one
-    buffer, and its leaves are views of it. Otherwise each packed leaf is read on its
-    own. ``mapped``: the leaves are read-only views of the file mapped in memory (no
-    checksum is checked: that would read every byte).
+    buffer, verifying each block of it, and its leaves are views of that buffer.
+    Otherwise each packed leaf is read with the blocks that hold it (verified, and kept
+    for the next leaf). ``mapped``: the leaves are read-only views of the file mapped
+    in memory (no checksum is checked: that would read every byte).
     """
 
-    def __init__(self, f: _File, crc: Callable[[Any, int], int] | None, *, whole: bool, mapped: bool) -> None:
+    def __init__(
+        self, f: _File, manifest: dict[str, Any], crc: Callable[[Any, int], int] | None, *, whole: bool,
+        mapped: bool,
+    ) -> None:
         self.f = f
+        self.manifest = manifest
         self.crc = None if mapped else crc
         self.whole = whole
         self.fd = _direct_fd(f)
@@ -520,7 +533,11 @@ class _Leaves:
         self.claimed = 0
         self.filesize = f.filesize()
         self._pack: tuple[int, int] | None = None
+        self._block = PACK_BLOCK
+        self._block_crcs: np.ndarray[Any, Any] | None = None
         self._buffer: np.ndarray[Any, Any] | None = None
+        self.bad_blocks: set[int] = set()  # whole reads: blocks whose checksum failed
+        self._blocks: dict[int, np.ndarray[Any, Any]] = {}  # partial reads: verified blocks
 
     def close(self) -> None:
         if self._own_fd is not None:
@@ -558,20 +575,20 @@ class _Leaves:
         if self.map is not None:
             raw = self.map[base + at:base + at + nbytes]
         elif self.whole:
-            raw = self.buffer()[at:at + nbytes]
+            buffer = self._buffer if self._buffer is not None else self.buffer()
+            raw = buffer[at:at + nbytes]
+            if self.bad_blocks and nbytes and not self.bad_blocks.isdisjoint(
+                    range(at // self._block, (at + nbytes - 1) // self._block + 1)):
+                raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
         else:
-            raw = np.empty(nbytes, np.uint8)
-            _pread_checked(self._read_fd(), base + at, raw, None, where, h5path)
-        if (self.crc is not None
-                and self.crc(raw, packed_seed(self.crc, h5path, node["dtype"], node["shape"])) != node.get("crc")):
-            raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
+            raw = self._read_packed(at, nbytes, h5path)
         if dtype.kind == "b" and self.crc is None:
             # Stored as bytes 0/1; an unverified read must not make other bools.
             return np.not_equal(raw, 0).reshape(shape) if self.map is None else raw.view(dtype).reshape(shape)
         return raw.view(dtype).reshape(shape)
 
     def pack(self) -> tuple[int, int]:
-        """The pack's offset in the file and its size."""
+        """The pack's offset in the file and its size (and, to verify, its block checksums)."""
         if self._pack is None:
             f = self.f
             h5path = "/" + PACK
@@ -588,16 +605,81 @@ class _Leaves:
                 ds.close()
             if offset is None or offset + size > f.filesize():
                 raise CorruptCheckpointError(f"{f.where}: {h5path} runs past the end of the file")
+            if self.crc is not None:
+                self._block_crcs = self._read_block_crcs(size)
             self._pack = (int(offset), size)
         return self._pack
 
+    def _read_block_crcs(self, size: int) -> np.ndarray[Any, Any]:
+        f = self.f
+        pack = self.manifest.get("pack")
+        block = pack.get("block") if isinstance(pack, dict) else None
+        if type(block) is not int or not 4096 <= block <= 1 << 30:
+            raise CorruptCheckpointError(f"{f.where}: malformed manifest (packed block size {block!r})")
+        self._block = block
+        count = -(-size // block)
+        ds = f.child(f.id, PACK_CRC, h5d.open, "malformed packed checksums")
+        try:
+            if ds.shape != (count,) or not ds.get_type().equal(_memory_type(np.dtype("<u4"))):
+                raise CorruptCheckpointError(
+                    f"{f.where}: malformed packed checksums (expected {count} uint32 values)"
+                )
+            _check_dataset_storage(ds, 4 * count, f.where, "/" + PACK_CRC)
+            crcs = np.empty(count, "<u4")
+            if count:
+                ds.read(h5s.ALL, h5s.ALL, crcs)
+        finally:
+            ds.close()
+        return crcs
+
+    def _block_ok(self, index: int, data: Any) -> bool:
+        assert self.crc is not None and self._block_crcs is not None
+        return self.crc(data, self.f.manifest_crc) == int(self._block_crcs[index])
+
     def buffer(self) -> np.ndarray[Any, Any]:
-        """The whole pack, read once."""
+        """The whole pack, read once, each block checked as soon as it is read."""
         if self._buffer is None:
-            base, size = self.pack()
-            self._buffer = np.empty(size, np.uint8)
-            _pread_checked(self._read_fd(), base, self._buffer, None, self.f.where, "/" + PACK)
+            base, size = self._pack or self.pack()
+            buffer = np.empty(size, np.uint8)
+            fd = self._read_fd()
+            block = self._block
+            for index, start in enumerate(range(0, size, block)):
+                part = buffer[start:start + block]
+                _pread_checked(fd, base + start, part, None, self.f.where, "/" + PACK)
+                if self.crc is not None and not self._block_ok(index, part):
+                    self.bad_blocks.add(index)
+            self._buffer = buffer
         return self._buffer
+
+    def _read_packed(self, at: int, nbytes: int, h5path: str) -> np.ndarray[Any, Any]:
+        """One packed leaf's bytes (a copy), reading and verifying the blocks that hold it."""
+        base, size = self._pack or self.pack()
+        if not nbytes:
+            return np.empty(0, np.uint8)
+        block = self._block
+        parts = []
+        for index in range(at // block, (at + nbytes - 1) // block + 1):
+            data = self._blocks.get(index)
+            if data is None:
+                start = index * block
+                data = np.empty(min(block, size - start), np.uint8)
+                _pread_checked(self._read_fd(), base + start, data, None, self.f.where, h5path)
+                if self.crc is not None and not self._block_ok(index, data):
+                    raise CorruptCheckpointError(f"{self.f.where}: checksum mismatch in {h5path}")
+                self._blocks[index] = data
+            lo = max(at - index * block, 0)
+            hi = min(at + nbytes - index * block, len(data))
+            parts.append(data[lo:hi])
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def check_all_blocks(self) -> None:
+        """After a whole read: a damaged block no leaf lies in (padding) still fails."""
+        if self.bad_blocks:
+            index = min(self.bad_blocks)
+            raise CorruptCheckpointError(
+                f"{self.f.where}: checksum mismatch in /{PACK} (bytes {index * self._block} to "
+                f"{(index + 1) * self._block})"
+            )
 
 
 def read_file(
@@ -619,11 +701,11 @@ def read_file(
         OSError: the file could not be read.
     """
     where = os.fspath(path)
-    with _reading(where), _File(path) as f:
+    with _reading(where), _File(path) as f, gc_paused():
         manifest = _read_manifest(f)
         spec = manifest.get("tree")
         crc = _leaf_checksum(manifest, where) if verify and not mmap else None
-        leaves = _Leaves(f, crc, whole=select is None, mapped=mmap)
+        leaves = _Leaves(f, manifest, crc, whole=select is None, mapped=mmap)
 
         def leaf_value(node: dict[str, Any], h5path: str) -> Any:
             array = leaves.array(node, h5path)
@@ -638,6 +720,7 @@ def read_file(
 
         try:
             tree = _build(spec, leaf_value, where, select)
+            leaves.check_all_blocks()
         except SelectionError:
             raise
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
@@ -656,12 +739,15 @@ def verify_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError, CorruptCheckpointError, CheckpointError, OSError: as :func:`read_file`.
     """
     where = os.fspath(path)
-    with _reading(where), _File(path) as f:
+    with _reading(where), _File(path) as f, gc_paused():
         manifest = _read_manifest(f)
-        leaves = _Leaves(f, _leaf_checksum(manifest, where), whole=True, mapped=False)
+        leaves = _Leaves(f, manifest, _leaf_checksum(manifest, where), whole=True, mapped=False)
         try:
             for _keys, h5path, node in list(iter_leaves(manifest.get("tree"), where)):
                 leaves.array(node, h5path)
+            if "pack" in manifest:  # every block, also those only padding lies in
+                leaves.buffer()
+                leaves.check_all_blocks()
         finally:
             leaves.close()
     return manifest

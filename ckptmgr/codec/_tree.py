@@ -24,6 +24,7 @@ from ._format import (
     _dtype_from_str,
     _dtype_to_str,
     _keystr,
+    gc_paused,
 )
 
 
@@ -168,7 +169,8 @@ def encode_tree(tree: Tree) -> EncodedTree:
         return node
 
     try:
-        spec = walk(tree, (), "/" + STATE)
+        with gc_paused():
+            spec = walk(tree, (), "/" + STATE)
     except RecursionError as exc:
         raise ValueError(
             "Expected a state tree without cycles. Received: a tree too deep to walk"

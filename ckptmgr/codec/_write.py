@@ -25,12 +25,14 @@ from ._format import (
     MANIFEST,
     PACK,
     PACK_ALIGN,
+    PACK_BLOCK,
+    PACK_CRC,
     PACK_INDEX,
     STATE,
     Tree,
     _is_raw,
     checksum,
-    packed_seed,
+    gc_paused,
 )
 from ._tree import EncodedTree, _Leaf, encode_tree
 
@@ -92,7 +94,8 @@ def write_file(
     sink = _WriteSink(path)
     started = (writeback or _NoWriteback)(sink.fileno())
     try:
-        total = _write_h5(sink, spec, leaves, meta, started)
+        with gc_paused():
+            total = _write_h5(sink, spec, leaves, meta, started)
     except Exception:
         # HDF5 tripping over a write that was dropped is the recorded error's doing.
         if sink.error is None:
@@ -167,21 +170,15 @@ def _write_h5(
     pack = _Pack()
     big: list[tuple[_Leaf, np.ndarray[Any, Any], str]] = []
     for leaf in leaves:
-        node = leaf.node
-        h5path = leaf.h5path
         array = leaf.array
         total += array.nbytes
         if array.nbytes < _format.PACK_THRESHOLD:
-            pack.add(node, _contiguous_bytes(array), h5path, crc)
+            pack.add(leaf.node, _contiguous_bytes(array), leaf.h5path)
         else:
-            big.append((leaf, _stored(array), h5path))
+            big.append((leaf, _stored(array), leaf.h5path))
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
                    alignment_interval=FILE_ALIGN) as f:
         f.require_group(STATE)
-        if pack.names:
-            ds = _allocate(f, "/" + PACK, (pack.nbytes,), np.dtype(np.uint8))
-            pack.write(sink, _dataset_offset(ds, "/" + PACK, pack.nbytes), progress)
-            f.create_dataset(PACK_INDEX, data=pack.index())
         for leaf, data, h5path in big:
             if data.ndim == 0:
                 # HDF5 never allocates a scalar dataset early: it writes this one itself
@@ -193,6 +190,8 @@ def _write_h5(
             leaf.node["crc"] = _write_slabs(sink, _dataset_offset(ds, h5path, data.nbytes), data, crc, progress)
         manifest = dict(meta)
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=total, tree=spec)
+        if pack.names:
+            manifest["pack"] = {"block": PACK_BLOCK}
         blob = json.dumps(manifest, separators=(",", ":"), allow_nan=True).encode("utf-8")
         if len(blob) > _format.MAX_MANIFEST_BYTES:
             # Readers refuse a bigger manifest: writing it would make a checkpoint that
@@ -202,9 +201,17 @@ def _write_h5(
                 f"{_format.MAX_MANIFEST_BYTES} bytes. Received: {len(leaves)} leaves described in "
                 f"{len(blob)} bytes; store large collections of small values as arrays"
             )
+        manifest_crc = checksum(blob)
         f.create_dataset(MANIFEST, data=np.frombuffer(blob, np.uint8))
         f.attrs["ckptmgr_format"] = FORMAT_VERSION
-        f.attrs["ckptmgr_manifest_crc32"] = np.uint32(checksum(blob))
+        f.attrs["ckptmgr_manifest_crc32"] = np.uint32(manifest_crc)
+        if pack.names:
+            # Written last: each block's checksum starts from the manifest's, so the
+            # packed bytes only verify under the manifest that describes them.
+            ds = _allocate(f, "/" + PACK, (pack.nbytes,), np.dtype(np.uint8))
+            blocks = pack.write(sink, _dataset_offset(ds, "/" + PACK, pack.nbytes), progress, crc, manifest_crc)
+            f.create_dataset(PACK_CRC, data=np.asarray(blocks, dtype="<u4"))
+            f.create_dataset(PACK_INDEX, data=pack.index())
     return total
 
 
@@ -212,7 +219,9 @@ _PADS = [bytes(n) for n in range(PACK_ALIGN)]
 
 
 class _Pack:
-    """The small leaves, back to back at multiples of PACK_ALIGN: one dataset."""
+    """The small leaves, back to back at multiples of PACK_ALIGN: one dataset, verified
+    by a checksum per PACK_BLOCK bytes (not per leaf: a leaf's own checksum and its
+    manifest entry cost more than its bytes)."""
 
     def __init__(self) -> None:
         self.nbytes = 0
@@ -221,11 +230,10 @@ class _Pack:
         self.nodes: list[dict[str, Any]] = []
         self.sizes: list[int] = []
 
-    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str, crc: Callable[[Any, int], int]) -> None:
-        """Place a leaf (``raw``: its bytes) and record where and its checksum in ``node``."""
+    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str) -> None:
+        """Place a leaf (``raw``: its bytes), recording where in ``node``."""
         nbytes = raw.nbytes
         node["at"] = self.nbytes
-        node["crc"] = crc(raw, packed_seed(crc, h5path, node["dtype"], node["shape"]))
         gap = -nbytes % PACK_ALIGN
         if nbytes:
             self.buffers.append(raw)
@@ -236,13 +244,32 @@ class _Pack:
         self.nodes.append(node)
         self.sizes.append(nbytes)
 
-    def write(self, sink: _WriteSink, offset: int, progress: _Progress) -> None:
-        """Write it at ``offset`` in the file: many buffers per ``pwritev``."""
+    def write(
+        self, sink: _WriteSink, offset: int, progress: _Progress, crc: Callable[[Any, int], int], seed: int,
+    ) -> list[int]:
+        """Write it at ``offset`` in the file, many buffers per ``pwritev``; return the
+        checksum of each PACK_BLOCK bytes, each started from ``seed``."""
+        blocks: list[int] = []
+        value, filled = seed, 0
         buffers = self.buffers
         first = 0
         batch_bytes = 0
         for position, buffer in enumerate(buffers):
-            batch_bytes += len(buffer)
+            size = len(buffer)
+            if filled + size < PACK_BLOCK:
+                value = crc(buffer, value)
+                filled += size
+            else:  # a block ends in this buffer
+                view = memoryview(buffer).cast("B")
+                while len(view):
+                    part = view[:PACK_BLOCK - filled]
+                    value = crc(part, value)
+                    filled += len(part)
+                    view = view[len(part):]
+                    if filled == PACK_BLOCK:
+                        blocks.append(value)
+                        value, filled = seed, 0
+            batch_bytes += size
             if position + 1 - first >= _IOV_BATCH or batch_bytes >= progress.slab_bytes():
                 sink.pwritev(buffers[first:position + 1], offset)
                 progress.wrote(batch_bytes)
@@ -251,6 +278,9 @@ class _Pack:
         if first < len(buffers):
             sink.pwritev(buffers[first:], offset)
             progress.wrote(batch_bytes)
+        if filled:
+            blocks.append(value)
+        return blocks
 
     def index(self) -> np.ndarray[Any, Any]:
         """A table of the packed leaves for people reading the file with h5py or HDFView:
