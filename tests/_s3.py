@@ -36,7 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ START_TIMEOUT = 60.0  # a first start takes ~3 s on 2 busy cores, a restart ~3.5
 _PORT_NAMES = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
     "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-)  # fmt: skip
+)
 
 
 def find_weed() -> str | None:
@@ -73,19 +73,6 @@ def hermetic_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str]
     )
     env.update(extra or {})
     return env
-
-
-@contextlib.contextmanager
-def hermetic_environ() -> Iterator[None]:
-    """Make ``os.environ`` hermetic (see :func:`hermetic_env`) for the duration, then restore it."""
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(hermetic_env(base=saved))
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def free_ports(count: int) -> list[int]:
@@ -184,21 +171,19 @@ class SeaweedS3:
         import botocore.config
         import botocore.session
 
-        with hermetic_environ():
-            session = botocore.session.Session()
-            return session.create_client(
-                "s3",
-                endpoint_url=endpoint_url or self.endpoint_url,
-                aws_access_key_id=self.access_key if key is None else key,
-                aws_secret_access_key=self.secret_key if secret is None else secret,
-                region_name=self.region,
-                config=botocore.config.Config(
-                    retries={"max_attempts": attempts, "mode": "standard"},
-                    connect_timeout=timeout,
-                    read_timeout=timeout,
-                    s3={"addressing_style": "path"},
-                ),
-            )
+        return botocore.session.Session().create_client(
+            "s3",
+            endpoint_url=endpoint_url or self.endpoint_url,
+            aws_access_key_id=self.access_key if key is None else key,
+            aws_secret_access_key=self.secret_key if secret is None else secret,
+            region_name=self.region,
+            config=botocore.config.Config(
+                retries={"total_max_attempts": attempts, "mode": "standard"},
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                s3={"addressing_style": "path"},
+            ),
+        )
 
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique name by default) and return its name."""
@@ -264,7 +249,7 @@ class SeaweedS3:
                 self.proc = subprocess.Popen(
                     self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=hermetic_env(), cwd=self.root, start_new_session=True,
-                )  # fmt: skip
+                )
             try:
                 self._wait_ready(time.monotonic() + timeout)
                 return
@@ -313,7 +298,7 @@ class SeaweedS3:
         """Stop it and remove the gRPC unix sockets it names after its ports in /tmp."""
         self.stop()
         for kind, name in (("master", "master.port.grpc"), ("volume", "volume.port.grpc"),
-                           ("filer", "filer.port.grpc"), ("s3", "s3.port.grpc")):  # fmt: skip
+                           ("filer", "filer.port.grpc"), ("s3", "s3.port.grpc")):
             if name in self.ports:
                 with contextlib.suppress(OSError):
                     os.unlink(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[name]}.sock")

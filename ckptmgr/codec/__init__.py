@@ -9,7 +9,8 @@ On-disk layout of one checkpoint file, format 2 (readable with plain h5py)::
     /                         attrs: ckptmgr_format = 2, ckptmgr_manifest_crc32 = <int>
     /ckptmgr_manifest         uint8 dataset: UTF-8 JSON manifest (see below)
     /ckptmgr_packed           uint8 dataset: every leaf under PACK_THRESHOLD (256 KiB)
-                              bytes, back to back, each at a multiple of 64 bytes
+                              bytes, back to back, each at a multiple of its item size
+    /ckptmgr_packed_crc       uint32 dataset: a checksum per 1 MiB of the pack
     /ckptmgr_packed_index     a table naming them for people (h5py, HDFView): name (the
                               path below), dtype, shape (JSON), offset, nbytes; readers
                               ignore it, the manifest is the authority

@@ -26,7 +26,7 @@ READABLE_FORMATS = frozenset({1, 2})
 MANIFEST = "ckptmgr_manifest"
 STATE = "state"
 # Format 2: leaves smaller than PACK_THRESHOLD bytes are stored back to back in one
-# uint8 dataset (PACK), each at a multiple of PACK_ALIGN bytes, with a checksum per
+# uint8 dataset (PACK), each at a multiple of its item size (at most PACK_ALIGN), with a checksum per
 # PACK_BLOCK bytes in PACK_CRC (uint32, each started from the manifest's CRC-32);
 # PACK_INDEX is a table naming them, for people (readers use the manifest). Datasets of FILE_ALIGN_THRESHOLD
 # bytes or more start at a multiple of FILE_ALIGN in the file (page-aligned for mmap).
@@ -35,7 +35,7 @@ PACK_INDEX = "ckptmgr_packed_index"
 PACK_CRC = "ckptmgr_packed_crc"
 PACK_BLOCK = 1024 * 1024
 PACK_THRESHOLD = 256 * 1024
-PACK_ALIGN = 64
+PACK_ALIGN = 16
 FILE_ALIGN = 4096
 FILE_ALIGN_THRESHOLD = 64 * 1024
 MAX_DEPTH = 200

@@ -173,7 +173,7 @@ def _write_h5(
         array = leaf.array
         total += array.nbytes
         if array.nbytes < _format.PACK_THRESHOLD:
-            pack.add(leaf.node, _contiguous_bytes(array), leaf.h5path)
+            pack.add(leaf.node, _contiguous_bytes(array), leaf.h5path, array.dtype.itemsize)
         else:
             big.append((leaf, _stored(array), leaf.h5path))
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
@@ -230,19 +230,21 @@ class _Pack:
         self.nodes: list[dict[str, Any]] = []
         self.sizes: list[int] = []
 
-    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str) -> None:
-        """Place a leaf (``raw``: its bytes), recording where in ``node``."""
-        nbytes = raw.nbytes
-        node["at"] = self.nbytes
-        gap = -nbytes % PACK_ALIGN
-        if nbytes:
-            self.buffers.append(raw)
+    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str, itemsize: int) -> None:
+        """Place a leaf (``raw``: its bytes, of items of ``itemsize`` bytes), recording
+        where in ``node``: at a multiple of its item size (up to PACK_ALIGN), so that a
+        view of it is aligned, and leaves of one dtype follow each other without gaps."""
+        gap = -self.nbytes % min(itemsize, PACK_ALIGN)
         if gap:
             self.buffers.append(_PADS[gap])
-        self.nbytes += nbytes + gap
+            self.nbytes += gap
+        node["at"] = self.nbytes
+        if raw.nbytes:
+            self.buffers.append(raw)
+            self.nbytes += raw.nbytes
         self.names.append(h5path)
         self.nodes.append(node)
-        self.sizes.append(nbytes)
+        self.sizes.append(raw.nbytes)
 
     def write(
         self, sink: _WriteSink, offset: int, progress: _Progress, crc: Callable[[Any, int], int], seed: int,
