@@ -193,7 +193,9 @@ class CheckpointReader:
             select: read only these subtrees: a key path with ``/`` between keys
                 (``"params"``, ``"params/dense/kernel"``; list items by index), or a
                 list of them. The result keeps the same nesting with only the selected
-                parts; nothing else is read from the file, and what is read is verified.
+                parts; nothing else is read from the file, and what is read is verified
+                (arrays under 256 KiB are stored packed together and verified by the
+                1 MiB block of the file that holds them).
             mmap: return arrays as read-only views of the checkpoint file mapped in
                 memory: restore returns at once, and each array is read from disk
                 when first touched (the OS can drop those pages again under memory
