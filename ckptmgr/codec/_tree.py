@@ -112,7 +112,8 @@ class EncodedTree:
 
     def copied(self) -> EncodedTree:
         """The same tree with private copies of its arrays (the caller may change its own)."""
-        return EncodedTree(self.spec, [_Leaf(leaf.node, leaf.array.copy(), leaf.h5path) for leaf in self.leaves])
+        with gc_paused():
+            return EncodedTree(self.spec, [_Leaf(leaf.node, leaf.array.copy(), leaf.h5path) for leaf in self.leaves])
 
 
 def encode_tree(tree: Tree) -> EncodedTree:
