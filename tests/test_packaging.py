@@ -55,7 +55,7 @@ def _requirements(groups: tuple[str, ...] = ()) -> list[Requirement]:
 
 def test_every_requirement_of_make_test_is_pinned_within_its_range() -> None:
     pins = _pins("constraints.txt")
-    for req in _requirements(("test", "keras", "torch", "bench")):
+    for req in _requirements(("test", "keras", "torch", "s3", "bench")):
         name = canonicalize_name(req.name)
         if req.marker is not None and not req.marker.evaluate():
             continue
@@ -77,3 +77,35 @@ def test_the_min_constraints_are_the_core_lower_bounds() -> None:
         assert lower.get(name) == Version(version), f"constraints-min.txt pins {name}=={version}; pyproject says >={lower.get(name)}"
     for req in _requirements():
         assert canonicalize_name(req.name) in pins, f"constraints-min.txt lacks the core dependency {req.name}"
+
+
+def test_the_wheel_holds_every_module(tmp_path: Path) -> None:
+    """A wheel built from the tree holds every module of ckptmgr and of its adapters.
+
+    The tests run on an editable install, which finds every file in the tree: a
+    subpackage missing from pyproject.toml's package list (ckptmgr.codec, .storage and
+    .cli were, for a while) would only break users who install the wheel.
+    """
+    import shutil
+    import subprocess
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "ckptmgr", "adapters"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, src / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path / "dist"), str(src)],
+        check=True, timeout=300,
+    )
+    wheel = next((tmp_path / "dist").glob("ckptmgr-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"ckptmgr/{p.relative_to(ROOT / 'ckptmgr').as_posix()}" for p in (ROOT / "ckptmgr").rglob("*.py")}
+    expected |= {f"ckptmgr/adapters/{p.relative_to(ROOT / 'adapters').as_posix()}" for p in (ROOT / "adapters").rglob("*.py")}
+    assert sorted(expected - names) == []
+    assert "ckptmgr/py.typed" in names
