@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 MIN_VENV := .venv-min
 
-.PHONY: demo demo-numpy test test-min lint shell bench clean
+.PHONY: demo demo-numpy test test-min lint shell bench bench-peers clean
 
 $(VENV)/.base-$(PIN):
 	@echo "==> creating $(VENV) (pip, setuptools)"
@@ -70,6 +70,11 @@ shell: $(VENV)/.test-$(PIN)
 bench: $(VENV)/.test-$(PIN)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py
+
+# ckptmgr against safetensors, torch.save, np.savez, h5py and Orbax on states of many small tensors.
+bench-peers: $(VENV)/.test-$(PIN)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) demo-run
