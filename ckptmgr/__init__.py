@@ -20,9 +20,10 @@ from .errors import (
     CorruptCheckpointError,
     DirectoryLockedError,
     MissingMetricWarning,
+    ObjectStoreError,
     StepOrderError,
 )
-from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo, Which
+from .info import CheckpointDescription, CheckpointInfo, KeepReason, LeafInfo, ObjectURL, Which
 from .manager import CheckpointManager
 from .metrics import MetricTracker
 from .payload import FilePayload
@@ -61,6 +62,8 @@ __all__ = [
     "LeafInfo",
     "MetricTracker",
     "MissingMetricWarning",
+    "ObjectStoreError",
+    "ObjectURL",
     "OnImprovement",
     "RetentionContext",
     "RetentionPolicy",

@@ -79,11 +79,31 @@ def steps_text(steps: list[int]) -> str:
 
 def check_options(
     directory: object, save_every: object, keep: object, monitor: object, mode: object,
-    *, best_only: object, async_save: object, read_only: object,
+    *, best_only: object, async_save: object, read_only: object, storage_options: object = None,
 ) -> None:
     """Check CheckpointManager's arguments ("Expected ... Received: ..." ValueErrors)."""
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise ValueError(f"Expected directory to be a non-empty str or path. Received: directory={directory!r}")
+    is_url = isinstance(directory, str) and "://" in directory
+    if is_url:
+        scheme = str(directory).partition("://")[0]
+        if scheme.lower() not in ("s3", "s3a"):
+            raise ValueError(
+                "Expected a local directory or an s3://bucket/prefix URL. Received: "
+                f"directory={directory!r}. Only s3:// is supported for object storage: the commit "
+                "needs create-only (If-None-Match: *) and compare-and-swap (If-Match) writes, which "
+                f"ckptmgr implements for S3 only so far, not for {scheme}://"
+            )
+    if storage_options is not None:
+        if not isinstance(storage_options, Mapping):
+            raise ValueError(
+                f"Expected storage_options to be a mapping or None. Received: storage_options={storage_options!r}"
+            )
+        if not is_url:
+            raise ValueError(
+                "Expected storage_options only with an s3:// URL (they configure the object store). "
+                f"Received: storage_options for the local directory={directory!r}"
+            )
     if save_every is not None and not isinstance(save_every, SavePolicy):
         raise ValueError(
             "Expected save_every to be a save policy such as ckptmgr.EverySteps(1000), or None. "

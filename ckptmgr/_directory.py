@@ -321,7 +321,7 @@ class CheckpointDirectory:
             KeyError: ``select`` names a key path the tree lacks.
             ValueError: ``select`` for a payload.
         """
-        path = record.info.path
+        path = Path(record.info.path)
         if record.corrupt is not None:
             raise CorruptCheckpointError(f"{path}: {record.corrupt}")
         with _read_errors(path):
@@ -380,7 +380,7 @@ class CheckpointDirectory:
 
     def describe(self, record: Record) -> CheckpointDescription:
         """Metadata and tree layout of one checkpoint, reading no arrays."""
-        path = record.info.metadata_path or record.info.path
+        path = Path(record.info.metadata_path or record.info.path)
         with _read_errors(path):
             if record.sidecar is not None:
                 meta = decode_sidecar(storage.read_small(path), str(path))

@@ -61,6 +61,9 @@ def follow(
     Each poll opens (and closes) a fresh read-only manager, so that it picks up the
     best the run recorded in its newest checkpoint.
 
+    Local directories only so far: an ``s3://`` URL raises ValueError (poll a
+    ``CheckpointManager(url, read_only=True)`` instead).
+
     Args:
         directory: the checkpoint directory; it need not exist yet.
         which: ``"best"`` (by the metric the run monitors) or ``"latest"``.
@@ -79,6 +82,11 @@ def follow(
     """
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise ValueError(f"Expected directory to be a non-empty str or path. Received: directory={directory!r}")
+    if isinstance(directory, str) and "://" in directory:
+        raise ValueError(
+            "Expected a local checkpoint directory: follow() does not support object storage yet. "
+            f"Received: directory={directory!r}"
+        )
     if which not in ("best", "latest"):
         raise ValueError(f"Expected which to be 'best' or 'latest'. Received: which={which!r}")
     if not _is_number(interval) or not (0 < interval < math.inf):

@@ -19,6 +19,7 @@ import numpy as np
 from . import codec
 from ._args import parse_select, steps_text
 from ._directory import READ_RETRIES, CheckpointDirectory, Loaded
+from ._object_directory import ObjectCheckpointDirectory
 from ._retention import Catalog
 from ._retention import Record as _Record
 from .errors import CheckpointNotFoundError, CheckpointWarning, CorruptCheckpointError
@@ -34,8 +35,8 @@ class CheckpointReader:
     Not constructed on its own: open ``CheckpointManager(directory, read_only=True)``.
     """
 
-    _directory: Path
-    _dir: CheckpointDirectory
+    _directory: Path | str
+    _dir: CheckpointDirectory | ObjectCheckpointDirectory
     _catalog: Catalog
     _mutex: threading.RLock
     _tracker: MetricTracker | None
@@ -65,8 +66,8 @@ class CheckpointReader:
         return self._catalog.records
 
     @property
-    def directory(self) -> Path:
-        """The checkpoint directory (absolute)."""
+    def directory(self) -> Path | str:
+        """The checkpoint directory (absolute); for object storage, its URL (a ``str``)."""
         return self._directory
 
     @property

@@ -24,7 +24,7 @@ from .info import CheckpointInfo
 class SaveWriter:
     """Runs commits, in the foreground or on one background thread."""
 
-    def __init__(self, owner: object, directory: Path, *, background: bool) -> None:
+    def __init__(self, owner: object, directory: Path | str, *, background: bool) -> None:
         self._directory = directory
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[CheckpointInfo] | None = None

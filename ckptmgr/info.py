@@ -106,6 +106,26 @@ class KeepReason(str):
         return cls(f"corrupt: {why}", "corrupt", why)
 
 
+class ObjectURL(str):
+    """The URL of an object in an object store (``s3://bucket/prefix/data/ckpt-....h5``).
+
+    A ``str`` (it prints and serialises as the URL), with ``name``, the part after the
+    last ``/``, like :attr:`pathlib.PurePath.name`. A URL cannot be a :class:`~pathlib.Path`:
+    ``Path("s3://b/k")`` collapses the ``//``.
+
+    >>> from ckptmgr.info import ObjectURL
+    >>> url = ObjectURL("s3://bucket/run/data/ckpt-000000010-0123456789abcdef.h5")
+    >>> url.name, url == "s3://bucket/run/data/ckpt-000000010-0123456789abcdef.h5"
+    ('ckpt-000000010-0123456789abcdef.h5', True)
+    """
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self.rsplit("/", 1)[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
     """One committed checkpoint.
@@ -121,7 +141,9 @@ class CheckpointInfo:
 
     Attributes:
         step: the training step it was saved at.
-        path: the checkpoint file (for a payload, the framework's own file).
+        path: the checkpoint file (for a payload, the framework's own file): a
+            :class:`~pathlib.Path`, or for a checkpoint on object storage (``s3://``) its
+            data object's URL, an :class:`ObjectURL` (a ``str`` with ``.name``).
         metrics: the metrics passed to ``save``.
         time: when it was saved, POSIX seconds.
         nbytes: bytes of array data in the state (the file is slightly larger).
@@ -130,33 +152,35 @@ class CheckpointInfo:
         kind: ``"tree"`` (a state tree in ckptmgr's HDF5 format) or ``"payload"`` (a
             framework's own file saved with :class:`ckptmgr.FilePayload`).
         metadata_path: where its metadata lives: the file itself for a tree, the
-            payload's metadata file for a payload.
+            payload's metadata file for a payload; on object storage the URL of the
+            step's commit marker (an :class:`ObjectURL`).
         corrupt: why it does not verify, when its metadata already showed that (None
             otherwise; data checksums are checked by ``restore`` and ``verify``).
     """
 
     step: int
-    path: Path
+    path: Path | ObjectURL
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict, hash=False)
     time: float = 0.0
     nbytes: int = 0
     keep_reasons: tuple[KeepReason, ...] = ()
     kind: Literal["tree", "payload"] = "tree"
-    metadata_path: Path | None = None
+    metadata_path: Path | ObjectURL | None = None
     corrupt: str | None = None
 
     def __post_init__(self) -> None:
         # A private copy: changing the caller's dict must not change the record.
         object.__setattr__(self, "metrics", dict(self.metrics))
         path: object = self.path
-        if not isinstance(path, Path):  # a str from the caller
+        if not isinstance(path, (Path, ObjectURL)):  # a str from the caller
             object.__setattr__(self, "path", Path(self.path))
         if self.keep_reasons:
             object.__setattr__(self, "keep_reasons", tuple(KeepReason.of(r) for r in self.keep_reasons))
-        if self.metadata_path is None:
+        metadata: object = self.metadata_path
+        if metadata is None:
             object.__setattr__(self, "metadata_path", self.path)
-        else:
-            object.__setattr__(self, "metadata_path", Path(self.metadata_path))
+        elif not isinstance(metadata, (Path, ObjectURL)):
+            object.__setattr__(self, "metadata_path", Path(self.metadata_path))  # type: ignore[arg-type]
 
     def with_reasons(self, reasons: tuple[KeepReason, ...]) -> CheckpointInfo:
         """The same checkpoint with other keep reasons (on every save: kept cheap, no re-checks)."""

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ._args import check_metrics, check_options, check_step, opened_at, steps_text
 from ._directory import CheckpointDirectory
+from ._object_directory import ObjectCheckpointDirectory, is_url
 from ._reader import CheckpointReader
 from ._retention import Catalog, IncrementalKeep
 from ._retention import Record as _Record
@@ -24,7 +25,7 @@ from .errors import (
     MissingMetricWarning,
     StepOrderError,
 )
-from .info import CheckpointInfo, KeepReason
+from .info import CheckpointInfo, KeepReason, ObjectURL
 from .metrics import Direction, MetricTracker, Mode
 from .payload import FilePayload
 from .policies import (
@@ -66,8 +67,16 @@ class CheckpointManager(CheckpointReader):
     >>> ckptmgr.CheckpointManager(directory, read_only=True).restore("best")["step"]
     200
 
+    On object storage (``CheckpointManager("s3://bucket/prefix", storage_options=...)``)
+    the same holds: a checkpoint is uploaded under a unique name, then committed by a
+    marker written last with a create-only conditional write; one writer per location
+    holds a lease (a SIGKILLed writer's is taken over 30 to 32 s after its last renewal).
+    Saving a :class:`FilePayload` and :meth:`rollback` are local-only so far.
+
     Args:
-        directory: where the checkpoints live; created if missing.
+        directory: where the checkpoints live; created if missing. A local path, or an
+            ``s3://bucket/prefix`` URL (needs ``pip install ckptmgr[s3]``); other URL
+            schemes raise ValueError.
         save_every: when ``save()`` writes (``EverySteps``, ``EverySeconds``,
             ``OnImprovement`` and their ``|``/``&`` compositions). None: every call.
         keep: which checkpoints to keep (``KeepLast``, ``KeepBest``, ``KeepEvery``,
@@ -86,11 +95,21 @@ class CheckpointManager(CheckpointReader):
         read_only: open for reading without taking the writer lock; ``save`` raises.
             Without ``monitor``, a reader uses the metric the checkpoints recorded.
         clock: the time source (POSIX seconds), for tests.
+        storage_options: for an ``s3://`` URL only: passed to ``s3fs.S3FileSystem``
+            (``endpoint_url``, ``key``, ``secret``, ``client_kwargs``, ...). Without it
+            the standard AWS environment variables (``AWS_ACCESS_KEY_ID``,
+            ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) are used.
 
     Raises:
-        ValueError: bad arguments ("Expected ... Received: ...").
-        DirectoryLockedError: another live process writes to ``directory``.
+        ValueError: bad arguments ("Expected ... Received: ..."), a URL other than
+            ``s3://``, ``storage_options`` with a local path.
+        DirectoryLockedError: another live process writes to ``directory`` (on object
+            storage: holds its lease; the message names it).
         CheckpointIOError: the directory cannot be created, listed or locked.
+        ObjectStoreError: (a CheckpointIOError) the bucket does not exist, the
+            credentials are refused, the server cannot be reached.
+        CheckpointNotFoundError: ``read_only`` and there is no such directory (on
+            object storage: nothing of ckptmgr's under the prefix).
     """
 
     def __init__(
@@ -107,9 +126,10 @@ class CheckpointManager(CheckpointReader):
         async_save: bool = False,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        check_options(directory, save_every, keep, monitor, mode,
-                      best_only=best_only, async_save=async_save, read_only=read_only)
+        check_options(directory, save_every, keep, monitor, mode, best_only=best_only,
+                      async_save=async_save, read_only=read_only, storage_options=storage_options)
         self._tracker = (
             MetricTracker(monitor, mode=mode, min_delta=min_delta, baseline=baseline)
             if monitor is not None else None
@@ -121,7 +141,6 @@ class CheckpointManager(CheckpointReader):
         self._best_only = best_only
         self._read_only = read_only
         self._clock = clock
-        self._directory = Path(os.path.abspath(os.fspath(directory)))
         self._mutex = threading.RLock()
         self._catalog = Catalog()
         # The labels (keep_reasons) are those of the manager's own policy for every
@@ -135,7 +154,14 @@ class CheckpointManager(CheckpointReader):
         self._restored: CheckpointInfo | None = None
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
 
-        self._dir = CheckpointDirectory(self._directory, read_only=read_only, owner=opened_at())
+        self._dir: CheckpointDirectory | ObjectCheckpointDirectory
+        if is_url(directory):
+            self._dir = ObjectCheckpointDirectory(str(directory), storage_options, read_only=read_only,
+                                                  owner=opened_at())
+            self._directory: Path | str = self._dir.url
+        else:
+            self._directory = Path(os.path.abspath(os.fspath(directory)))
+            self._dir = CheckpointDirectory(self._directory, read_only=read_only, owner=opened_at())
         try:
             self._refresh()
         except BaseException:
@@ -199,9 +225,15 @@ class CheckpointManager(CheckpointReader):
             CheckpointIOError: the write failed (disk full, permission, I/O error); no
                 earlier checkpoint is touched and the manager stays usable. With
                 ``async_save``, a failure of the previous background write.
-            CheckpointError: the manager is read-only or closed.
+            ObjectStoreError: (a CheckpointIOError) on object storage, a request failed
+                (server down, connection dropped, ...); nothing partial is visible.
+            DirectoryLockedError: on object storage, this writer lost its lease.
+            CheckpointError: the manager is read-only or closed; a FilePayload on
+                object storage (not supported there yet).
         """
         self._check_writable()
+        if isinstance(state, FilePayload) and isinstance(self._dir, ObjectCheckpointDirectory):
+            raise CheckpointError(f"Saving a FilePayload is not supported on object storage yet ({self._directory})")
         step = check_step(step)
         metrics = check_metrics(metrics)
         if not isinstance(force, bool):
@@ -238,11 +270,12 @@ class CheckpointManager(CheckpointReader):
             "tracker": self._tracker.state_dict() if self._tracker else None,
         }
         self._last_save_time = now
+        path: Path | ObjectURL
         if isinstance(state, FilePayload):
             self._writer.wait()
             tmp = self._dir.write_payload(state.name, state.write)
             commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
-            path = self._directory / state.name
+            path = Path(self._directory) / state.name
         else:
             tree = self._writer.prepare(state)
             commit = lambda: self._commit_tree(step, tree, meta)  # noqa: E731
@@ -429,9 +462,12 @@ class CheckpointManager(CheckpointReader):
             CheckpointNotFoundError: ``step`` is not a committed checkpoint here.
             CheckpointIOError: a move failed; what was not moved yet stays where it
                 was, and the next writer to open finishes the rollback.
-            CheckpointError: the manager is read-only or closed.
+            CheckpointError: the manager is read-only or closed; the checkpoints are on
+                object storage (not supported there yet).
         """
         self._check_writable()
+        if isinstance(self._dir, ObjectCheckpointDirectory):
+            raise CheckpointError(f"rollback() is not supported on object storage yet ({self._directory})")
         step = check_step(step)
         self._writer.wait()
         with self._mutex:

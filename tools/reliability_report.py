@@ -238,6 +238,22 @@ A file's data is durable once the file is fsynced, but its *name* is durable onl
 Checked by `tests/test_durability.py`, which records the order of `mkdir`, `rename`/`replace` and directory `fsync` calls of a real manager (sync, async and payload saves, nested missing parents, relative paths) and asserts that every entry made is followed by an fsync of its parent before `save()`/`wait()` returns, and that a failing fsync of a new directory's parent is a `CheckpointError` naming the path; and by `tests/test_powercut.py`, a power-cut simulator (an `LD_PRELOAD` shim that logs every entry operation and fsync of a real child process; each cut point is replayed into the state a POSIX-minimum file system would keep, then restored).
 """
 
+OBJECT_STORE_PROTOCOL = """\
+## The commit protocol on object storage (`s3://`)
+
+An object store has no rename and no fsync; a PUT that returned is durable and visible, and a multipart upload is invisible until it completes. The same promises are kept with its conditional writes instead (`ckptmgr/_object_directory.py`, `ckptmgr/storage/_object.py`):
+
+- **Data first, under a unique name.** A save uploads its file as `data/ckpt-<step>-<16 hex>.h5` (multipart above 16 MiB, up to 4 parts in flight; a failed upload is aborted). No other save ever uses that name, so a crash mid-upload leaves at most an unreferenced object or an unfinished upload.
+- **The commit marker last, create-only.** `ckpt-<step>.json` (metadata, the data object's name, size and ETag, a random token, a CRC) is written with `If-None-Match: *`, or with `If-Match: <etag>` on the marker it replaces when a step is saved again. Only steps with a marker exist for readers and writers; `save()` (or `wait()`) returns after it. A marker whose data object is missing or does not verify (size, ETag, every checksum) is a corrupt checkpoint: `restore()` falls back past it with a warning.
+- **One writer per prefix: a lease.** `.ckptmgr-lease.json` is created with a create-only write, renewed every ttl/3 with compare-and-swap writes, and checked before each marker is written (a writer that lost it commits nothing). Expiry is judged on the server's clock only (its `Date` header minus the lease's `Last-Modified`): a SIGKILLed writer's lease is taken over between ttl and ttl + 2 s (ttl 30 s) after its last renewal; of two racing takers exactly one wins. A second live writer gets `DirectoryLockedError` naming the holder's host, pid and start time.
+- **Clean-up is the new writer's.** Holding the lease, it deletes data objects no marker references and unfinished uploads older than half a ttl: a dead writer's, never a live one's (a live writer holds the lease).
+- **Retention deletes a step's marker before its data.** A crash between the two leaves an unreferenced object, cleaned up later, never a marker without data.
+- **The index is a cache** (`.ckptmgr-index.json`, markers by name and ETag), written with compare-and-swap and never trusted over the markers.
+- **Failures are bounded.** Every request has a deadline (30 s plus the time the bytes need at 4 MiB/s) covering botocore's 3 attempts with backoff; a dead server, refused credentials, a missing bucket, a dropped or stalled connection or throttling raise `ObjectStoreError` (a `CheckpointIOError`, with an errno naming the cause) naming the URL. Nothing partial is visible, earlier steps are intact, and the manager works again once the server is back.
+
+Checked against a real SeaweedFS server started by the tests (`tests/test_s3_server.py`: the server's own conditional-write behaviour, so an upgrade that drops it fails loudly; `tests/test_s3_store.py`: the primitives through a fault-injecting TCP proxy; `tests/test_s3_manager.py`: the manager, including a writer SIGKILLed during a multipart upload, whose every returned `save()` restores exactly after the takeover, and the server SIGKILLed mid-save).
+"""
+
 INVARIANTS = [
     ("1. final name only when complete and durable", "crash points before/after write, fsync, rename, dir fsync; random kills; "
      "order of mkdir/rename/directory fsync (test_durability.py); power-cut replay (test_powercut.py)"),
@@ -375,6 +391,7 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
     if junit["failures"]:
         out.append("**Failing in this run:** " + ", ".join(f"`{f}`" for f in junit["failures"]) + "\n")
     out.append(DURABILITY_RULE)
+    out.append(OBJECT_STORE_PROTOCOL)
 
     # ---------------------------------------------------------------- summary
     crash_points = _both(rows, "crash-points", "crash points")

@@ -180,6 +180,10 @@ def _open_reader(directory: str) -> CheckpointManager:
         CliError: no such directory, not a directory, or not a ckptmgr directory.
         CheckpointError: the directory cannot be listed.
     """
+    if "://" in directory:
+        # Object storage (s3://bucket/prefix): credentials and endpoint from the standard
+        # AWS environment variables. Nothing of ckptmgr's there: CheckpointNotFoundError.
+        return CheckpointManager(directory, read_only=True)
     path = Path(directory)
     if not path.exists():
         raise CliError(f"no such directory: {directory}", EXIT_USAGE)
@@ -195,7 +199,10 @@ def _open_reader(directory: str) -> CheckpointManager:
     return mgr
 
 
-def _file_size(path: Path) -> int | None:
+def _file_size(path: Path | str) -> int | None:
+    """A local file's size; None when unknown (gone, or an object store's URL)."""
+    if isinstance(path, str) and "://" in path:
+        return None
     try:
         return os.lstat(path).st_size
     except OSError:

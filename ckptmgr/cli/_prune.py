@@ -36,7 +36,7 @@ from ._common import (
 
 
 def _open_pruner(
-    directory: Path, policy: RetentionPolicy, tracker: MetricTracker | None, *, read_only: bool
+    directory: Path | str, policy: RetentionPolicy, tracker: MetricTracker | None, *, read_only: bool
 ) -> CheckpointManager:
     """A manager of ``directory`` with ``policy`` as its retention and the run's metric.
 
