@@ -48,6 +48,7 @@ from typing import Any
 from . import codec
 from ._directory import Loaded, _recorded_reasons, reason_of
 from ._retention import Record
+from .codec._sidecar import decode_signed, encode_signed
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -66,6 +67,7 @@ DEFAULT_LEASE_TTL = 30.0
 INDEX_NAME = ".ckptmgr-index.json"
 DATA_PREFIX = "data/"
 MARKER_FORMAT = 1
+_MARKER_KEY = "ckptmgr_marker"
 _MARKER_RE = re.compile(r"ckpt-([0-9]{9,19})\.json")
 _DATA_RE = re.compile(r"data/(ckpt-([0-9]{9,19})-[0-9a-f]{16}\.h5)")
 _DATA_FILE_RE = re.compile(r"ckpt-([0-9]{9,19})-[0-9a-f]{16}\.h5")
@@ -106,8 +108,7 @@ def _new_data_name(step: int) -> str:
 
 def encode_marker(meta: Mapping[str, Any]) -> bytes:
     """A commit marker: the metadata as canonical JSON, with its CRC (like a payload's sidecar)."""
-    body = json.dumps(dict(meta, format=MARKER_FORMAT), separators=(",", ":"), sort_keys=True, allow_nan=True)
-    return json.dumps({"ckptmgr_marker": body, "crc32": codec.checksum(body.encode("utf-8"))}).encode("utf-8")
+    return encode_signed(_MARKER_KEY, dict(meta, format=MARKER_FORMAT))
 
 
 def decode_marker(blob: bytes, step: int, where: str) -> dict[str, Any]:
@@ -117,16 +118,7 @@ def decode_marker(blob: bytes, step: int, where: str) -> dict[str, Any]:
         CorruptCheckpointError: damaged, malformed, of another step, or naming a data
             object that is not one of this step's (it would escape the location).
     """
-    try:
-        outer = json.loads(blob.decode("utf-8"))
-        body = outer["ckptmgr_marker"]
-        if not isinstance(body, str) or codec.checksum(body.encode("utf-8")) != outer["crc32"]:
-            raise CorruptCheckpointError(f"{where}: commit marker checksum mismatch")
-        meta = json.loads(body)
-    except CorruptCheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed commit marker ({exc})") from exc
+    meta = decode_signed(blob, _MARKER_KEY, where, "commit marker")
     data = meta.get("data") if isinstance(meta, dict) else None
     match = _DATA_RE.fullmatch(data) if isinstance(data, str) else None
     if (
@@ -146,7 +138,7 @@ def decode_marker(blob: bytes, step: int, where: str) -> dict[str, Any]:
 
 def _marker_token(blob: bytes) -> str | None:
     try:
-        token = json.loads(json.loads(blob.decode("utf-8"))["ckptmgr_marker"]).get("token")
+        token = json.loads(json.loads(blob.decode("utf-8"))[_MARKER_KEY]).get("token")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return token if isinstance(token, str) else None

@@ -1,4 +1,4 @@
-"""Payload sidecars: a payload checkpoint's metadata as checksummed JSON."""
+"""Checksummed JSON records: a payload checkpoint's sidecar (and the object store's commit markers)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,34 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from ._format import CHECKSUM_NAME, FORMAT_VERSION, checksum
 
+# ------------------------------------------------------------ checksummed JSON records
+
+
+def encode_signed(kind: str, meta: Mapping[str, Any]) -> bytes:
+    """``meta`` as canonical JSON, wrapped with its CRC-32 under the key ``kind``
+    (a payload's sidecar, an object store's commit marker)."""
+    body = json.dumps(dict(meta), separators=(",", ":"), sort_keys=True, allow_nan=True)
+    return json.dumps({kind: body, "crc32": checksum(body.encode("utf-8"))}).encode("utf-8")
+
+
+def decode_signed(blob: bytes, kind: str, where: str, what: str) -> Any:
+    """The JSON value :func:`encode_signed` wrapped, its CRC checked (not its content).
+
+    Raises:
+        CorruptCheckpointError: damaged or malformed (``what`` names it in the message).
+    """
+    try:
+        outer = json.loads(blob.decode("utf-8"))
+        body = outer[kind]
+        if not isinstance(body, str) or checksum(body.encode("utf-8")) != outer["crc32"]:
+            raise CorruptCheckpointError(f"{where}: {what} checksum mismatch")
+        return json.loads(body)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed {what} ({exc})") from exc
+
+
 # ------------------------------------------------------------------ payload sidecars
 
 
@@ -18,9 +46,7 @@ def encode_sidecar(meta: Mapping[str, Any]) -> bytes:
     ``meta`` holds ``name``, ``size`` and ``crc32`` of the payload file besides the
     usual ``step``, ``time``, ``metrics``, ``tracker``.
     """
-    body = json.dumps(dict(meta, format=FORMAT_VERSION, checksum=CHECKSUM_NAME),
-                      separators=(",", ":"), sort_keys=True, allow_nan=True)
-    return json.dumps({"ckptmgr_payload": body, "crc32": checksum(body.encode("utf-8"))}).encode("utf-8")
+    return encode_signed("ckptmgr_payload", dict(meta, format=FORMAT_VERSION, checksum=CHECKSUM_NAME))
 
 
 def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
@@ -29,16 +55,7 @@ def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
     Raises:
         CorruptCheckpointError: damaged, tampered with or malformed.
     """
-    try:
-        outer = json.loads(blob.decode("utf-8"))
-        body = outer["ckptmgr_payload"]
-        if not isinstance(body, str) or checksum(body.encode("utf-8")) != outer["crc32"]:
-            raise CorruptCheckpointError(f"{where}: metadata checksum mismatch")
-        meta = json.loads(body)
-    except CorruptCheckpointError:
-        raise
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed metadata ({exc})") from exc
+    meta = decode_signed(blob, "ckptmgr_payload", where, "metadata")
     if (
         not isinstance(meta, dict)
         or meta.get("format") != FORMAT_VERSION
