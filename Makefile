@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 MIN_VENV := .venv-min
 
-.PHONY: demo demo-numpy test test-min lint shell bench bench-peers clean
+.PHONY: demo demo-numpy test test-min lint shell bench bench-peers bench-s3 clean
 
 $(VENV)/.base-$(PIN):
 	@echo "==> creating $(VENV) (pip, setuptools)"
@@ -75,6 +75,11 @@ bench: $(VENV)/.test-$(PIN)
 bench-peers: $(VENV)/.test-$(PIN)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/peers.py
+
+# ckptmgr on s3:// against raw s3fs, on a SeaweedFS server the script starts and stops.
+bench-s3: $(VENV)/.test-$(PIN)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/s3.py
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) demo-run
