@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -173,7 +174,9 @@ def _write_h5(
         array = leaf.array
         total += array.nbytes
         if array.nbytes < _format.PACK_THRESHOLD:
-            pack.add(leaf.node, _contiguous_bytes(array), leaf.h5path, array.dtype.itemsize)
+            if array.dtype.kind == "b" or not array.flags.c_contiguous:
+                array = _contiguous_bytes(array)  # else the array's own buffer is its bytes
+            pack.add(leaf.node, array, leaf.h5path, leaf.array.dtype.itemsize)
         else:
             big.append((leaf, _stored(array), leaf.h5path))
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
@@ -216,6 +219,7 @@ def _write_h5(
 
 
 _PADS = [bytes(n) for n in range(PACK_ALIGN)]
+_JSON_LISTS = re.compile(r"\[[^\[\]]*\]")
 
 
 class _Pack:
@@ -226,25 +230,30 @@ class _Pack:
     def __init__(self) -> None:
         self.nbytes = 0
         self.buffers: list[Any] = []  # the leaves' bytes and the zeros between them
+        self.lengths: list[int] = []  # the bytes of each buffer
         self.names: list[str] = []
         self.nodes: list[dict[str, Any]] = []
         self.sizes: list[int] = []
 
     def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str, itemsize: int) -> None:
-        """Place a leaf (``raw``: its bytes, of items of ``itemsize`` bytes), recording
-        where in ``node``: at a multiple of its item size (up to PACK_ALIGN), so that a
-        view of it is aligned, and leaves of one dtype follow each other without gaps."""
+        """Place a leaf (``raw``: a C-contiguous array whose buffer is the leaf's bytes, of
+        items of ``itemsize`` bytes), recording where in ``node``: at a multiple of its
+        item size (up to PACK_ALIGN), so that a view of it is aligned, and leaves of one
+        dtype follow each other without gaps."""
         gap = -self.nbytes % min(itemsize, PACK_ALIGN)
         if gap:
             self.buffers.append(_PADS[gap])
+            self.lengths.append(gap)
             self.nbytes += gap
         node["at"] = self.nbytes
-        if raw.nbytes:
+        nbytes = raw.nbytes
+        if nbytes:
             self.buffers.append(raw)
-            self.nbytes += raw.nbytes
+            self.lengths.append(nbytes)
+            self.nbytes += nbytes
         self.names.append(h5path)
         self.nodes.append(node)
-        self.sizes.append(raw.nbytes)
+        self.sizes.append(nbytes)
 
     def write(
         self, sink: _WriteSink, offset: int, progress: _Progress, crc: Callable[[Any, int], int], seed: int,
@@ -256,13 +265,12 @@ class _Pack:
         buffers = self.buffers
         first = 0
         batch_bytes = 0
-        for position, buffer in enumerate(buffers):
-            size = len(buffer)
+        for position, (buffer, size) in enumerate(zip(buffers, self.lengths)):
             if filled + size < PACK_BLOCK:
                 value = crc(buffer, value)
                 filled += size
             else:  # a block ends in this buffer
-                view = memoryview(buffer).cast("B")
+                view = memoryview(_flat_bytes(buffer))
                 while len(view):
                     part = view[:PACK_BLOCK - filled]
                     value = crc(part, value)
@@ -288,15 +296,16 @@ class _Pack:
         """A table of the packed leaves for people reading the file with h5py or HDFView:
         name (the HDF5 path the leaf would have), dtype, shape, offset and size in the
         pack. Readers never use it: the manifest is the authority."""
-        names = [name.encode("utf-8", "surrogatepass") for name in self.names]
+        names = np.array(self.names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
         table = np.empty(len(names), dtype=[
-            ("name", f"S{max(map(len, names))}"), ("dtype", "S16"), ("shape", "S64"),
-            ("offset", "<u8"), ("nbytes", "<u8"),
+            ("name", names.dtype), ("dtype", "S16"), ("shape", "S64"), ("offset", "<u8"), ("nbytes", "<u8"),
         ])
         table["name"] = names
-        table["dtype"] = [node["dtype"] for node in self.nodes]
-        table["shape"] = [str(node["shape"])[:64] for node in self.nodes]
-        table["offset"] = [node["at"] for node in self.nodes]
+        nodes = self.nodes
+        table["dtype"] = [node["dtype"] for node in nodes]
+        # Each shape as JSON ("[3, 4]"): one dump of them all, cut apart by one regex.
+        table["shape"] = _JSON_LISTS.findall(json.dumps([node["shape"] for node in nodes])[1:-1])
+        table["offset"] = [node["at"] for node in nodes]
         table["nbytes"] = self.sizes
         return table
 
@@ -337,6 +346,15 @@ def _write_slabs(
         progress.wrote(stop - start)
         start = stop
     return value
+
+
+def _nbytes(buffer: Any) -> int:
+    return int(buffer.nbytes) if isinstance(buffer, np.ndarray) else len(buffer)
+
+
+def _flat_bytes(buffer: Any) -> Any:
+    """A C-contiguous array (any dtype and shape) or bytes, as a 1-D run of bytes."""
+    return buffer.reshape(-1).view(np.uint8) if isinstance(buffer, np.ndarray) else memoryview(buffer).cast("B")
 
 
 _IOV_BATCH = 512  # buffers per pwritev (the OS takes up to IOV_MAX, 1024 on Linux)
@@ -398,11 +416,11 @@ class _WriteSink:
                 if done <= 0:
                     raise OSError(errno.EIO, f"pwritev wrote nothing at offset {offset}")
                 offset += done
-                while first < len(views) and done >= len(views[first]):
-                    done -= len(views[first])
+                while first < len(views) and done >= _nbytes(views[first]):
+                    done -= _nbytes(views[first])
                     first += 1
                 if done:  # a short write: resume inside this buffer
-                    views = [*views[:first], memoryview(views[first]).cast("B")[done:], *views[first + 1:]]
+                    views = [*views[:first], _flat_bytes(views[first])[done:], *views[first + 1:]]
         except OSError as exc:
             self.error = exc
 
