@@ -265,7 +265,7 @@ class _Pack:
         buffers = self.buffers
         first = 0
         batch_bytes = 0
-        for position, (buffer, size) in enumerate(zip(buffers, self.lengths)):
+        for position, (buffer, size) in enumerate(zip(buffers, self.lengths, strict=True)):
             if filled + size < PACK_BLOCK:
                 value = crc(buffer, value)
                 filled += size
