@@ -2,7 +2,8 @@
 
 Sync: ``save()`` encodes the tree, writes and commits it before returning.
 Async: ``save()`` encodes the tree once in the caller's thread (validating it, so a bad
-tree raises at the call), copies its arrays, and returns; the write and commit run on
+tree raises at the call), copies its arrays (into the previous snapshot's arrays where
+shapes match: no allocation, so the copy runs at memcpy speed), and returns; the write and commit run on
 one background thread, one save at a time. The next ``save()``, ``wait()`` and
 ``close()`` wait for the write in flight and raise its error; interpreter exit flushes it.
 """
@@ -30,6 +31,9 @@ class SaveWriter:
         self._pending: Future[CheckpointInfo] | None = None
         self._on_failure: Callable[[], None] | None = None
         self.pending_step: int | None = None
+        # The last snapshot handed to the background writer; once written, the next
+        # snapshot is copied into its arrays (one state's memory stays allocated).
+        self._spare: codec.EncodedTree | None = None
         if background:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
             # Flush pending writes at interpreter exit even if close() was never called.
@@ -46,7 +50,11 @@ class SaveWriter:
         if self._executor is None:
             return state
         self.wait()
-        return codec.encode_tree(state).copied()
+        # The previous snapshot is written (or failed): its arrays take this one.
+        spare, self._spare = self._spare, None
+        snapshot = codec.encode_tree(state).copied(into=spare)
+        self._spare = snapshot
+        return snapshot
 
     def run(
         self, step: int, commit: Callable[[], CheckpointInfo], on_failure: Callable[[], None]
@@ -96,6 +104,7 @@ class SaveWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._finalizer.detach()
+        self._spare = None
 
 
 def _flush_at_exit(executor: ThreadPoolExecutor) -> None:

@@ -788,3 +788,26 @@ def test_missing_metric_warning_is_its_own_category(ckpt_dir: Path) -> None:
         with pytest.warns(MissingMetricWarning, match="got no 'val_loss'"):
             mgr.save(1, {"s": 1}, metrics={"loss": 0.3})
         assert mgr.best is None and mgr.checkpoints[0].step == 1
+
+
+def test_async_snapshots_reuse_memory_yet_every_step_keeps_its_own_values(ckpt_dir: Path) -> None:
+    """Each async save copies into the previous snapshot's arrays once that one is written;
+    values, shapes and dtypes that change between saves still land in the right step."""
+    states = [
+        {"w": np.full((64, 64), float(step)), "b": np.arange(step + 1, dtype=np.int32), "s": step}
+        for step in range(5)
+    ]
+    states[3]["w"] = states[3]["w"].astype(np.float32)  # a dtype change in the middle
+    with CheckpointManager(ckpt_dir, async_save=True, keep=None) as mgr:
+        first = None
+        for step, state in enumerate(states):
+            mgr.save(step, state)
+            snapshot = mgr._writer._spare  # the arrays being written now
+            assert snapshot is not None
+            if step == 1:
+                first = snapshot.leaves[0].array
+            if step == 2:  # same shape and dtype as step 1's: copied into its arrays
+                assert snapshot.leaves[0].array is first
+        mgr.wait()
+        for step, state in enumerate(states):
+            assert_tree_equal(mgr.restore(step), state)
