@@ -277,7 +277,9 @@ class StateRun:
         mgr = ckptmgr.CheckpointManager(self.server.url(prefix), storage_options=self.server.options, keep=None,
                                         async_save=True)
         try:
-            mgr.save(0, PRIME)
+            # Steady state: primed with the state itself (a training loop saves many times;
+            # each snapshot is copied into the previous one's memory).
+            mgr.save(0, self.state)
             mgr.wait()
             self.ready(self.state)
             t0 = time.perf_counter()
