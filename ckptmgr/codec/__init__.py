@@ -529,8 +529,13 @@ class _Leaves:
         self._own_fd: int | None = None
         self.map: np.ndarray[Any, Any] | None = None  # the whole file, mapped read-only
         if mapped:
-            with open(f.where, "rb") as fh:
-                self.map = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            # The descriptor HDF5 validated the layout through, where there is one: a
+            # checkpoint saved again under the same name meanwhile is another file.
+            if self.fd is not None:
+                self.map = np.frombuffer(mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ), np.uint8)
+            else:
+                with open(f.where, "rb") as fh:
+                    self.map = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         self.claimed = 0
         self.filesize = f.filesize()
         self._pack: tuple[int, int] | None = None
