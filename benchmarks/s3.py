@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -493,13 +492,6 @@ def report(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def environment(weed: str) -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError, StopIteration):
@@ -508,7 +500,7 @@ def environment(weed: str) -> dict[str, str]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False).stdout.strip()
     weed_version = subprocess.run([weed, "version"], capture_output=True, text=True, check=False).stdout.strip()
-    libs = ", ".join(f"{d} {version(d)}" for d in ("numpy", "h5py", "s3fs", "aiobotocore", "botocore"))
+    libs = ", ".join(f"{d} {peers.version(d)}" for d in ("numpy", "h5py", "s3fs", "aiobotocore", "botocore"))
     return {
         "python": platform.python_version(),
         "libraries": f"ckptmgr {ckptmgr.__version__} (commit {commit or '?'}, working tree as run), {libs}",
