@@ -35,8 +35,8 @@ $(VENV)/.demo-$(PIN): $(VENV)/.base-$(PIN)
 	touch $@
 
 $(VENV)/.test-$(PIN): $(VENV)/.base-$(PIN)
-	@echo "==> installing ckptmgr with Keras, TensorFlow, PyTorch (CPU builds), s3fs, SeaweedFS (a local S3 server for the tests), pytest, ruff and mypy into $(VENV) (about 2 GB, first run only)"
-	$(PY) -m pip install --quiet -e '.[test,keras,torch,s3]'
+	@echo "==> installing ckptmgr with Keras, TensorFlow, PyTorch (CPU builds), JAX (CPU), s3fs, SeaweedFS (a local S3 server for the tests), pytest, ruff and mypy into $(VENV) (about 2 GB, first run only)"
+	$(PY) -m pip install --quiet -e '.[test,keras,torch,s3,jax]'
 	touch $@
 
 demo: $(VENV)/.demo-$(PIN)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from ._directory import is_checkpoint_directory
 from ._follow import follow
+from .coordinator import Coordinator
 from .errors import (
     CheckpointError,
     CheckpointIOError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    CoordinatorError,
     CorruptCheckpointError,
     DirectoryLockedError,
     MissingMetricWarning,
@@ -50,6 +52,8 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWarning",
+    "Coordinator",
+    "CoordinatorError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "EverySeconds",

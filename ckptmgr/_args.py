@@ -77,6 +77,51 @@ def steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps[:4])) + ", ..., " + ", ".join(map(str, steps[-3:]))
 
 
+def check_coordination(
+    directory: object, coordinator: object, *, sharded: object, async_save: bool, read_only: bool,
+) -> None:
+    """Check CheckpointManager's ``coordinator=``/``sharded=`` arguments."""
+    from .coordinator import Coordinator
+
+    if not isinstance(sharded, bool):
+        raise ValueError(f"Expected sharded to be a bool. Received: sharded={sharded!r}")
+    if coordinator is None:
+        if sharded:
+            raise ValueError(
+                "Expected a coordinator with sharded=True (each rank saves its own part: the "
+                "manager must reach the other ranks). Received: sharded=True, coordinator=None"
+            )
+        return
+    if not isinstance(coordinator, Coordinator):
+        raise ValueError(
+            "Expected coordinator to implement ckptmgr.Coordinator (rank, world_size, timeout, "
+            "barrier, broadcast, all_gather), e.g. ckptmgr.adapters.torch.TorchCoordinator(). "
+            f"Received: coordinator={coordinator!r}"
+        )
+    rank, world = coordinator.rank, coordinator.world_size
+    if type(world) is not int or world < 1 or type(rank) is not int or not 0 <= rank < world:
+        raise ValueError(
+            "Expected a coordinator whose rank is in range(world_size). "
+            f"Received: rank={rank!r}, world_size={world!r}"
+        )
+    if async_save:
+        raise ValueError(
+            "Expected async_save=False with a coordinator (a save of several processes is "
+            "committed in the foreground so far). Received: async_save=True"
+        )
+    if read_only:
+        raise ValueError(
+            "Expected no coordinator with read_only=True (readers need no coordination: each "
+            "process can open the directory read-only and restore(step, rank=k)). "
+            "Received: read_only=True with a coordinator"
+        )
+    if isinstance(directory, str) and "://" in directory:
+        raise ValueError(
+            "Expected a local (or shared file system) directory with a coordinator: several "
+            f"processes saving to object storage is not supported yet. Received: directory={directory!r}"
+        )
+
+
 def check_options(
     directory: object, save_every: object, keep: object, monitor: object, mode: object,
     *, best_only: object, async_save: object, read_only: object, storage_options: object = None,

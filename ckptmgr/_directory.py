@@ -45,7 +45,7 @@ READ_RETRIES = 20
 _INDEX_AFTER_SAVES = 16
 _INDEX_MIN_INTERVAL = 5.0
 # The part of a checkpoint's metadata kept in memory and in the index.
-_META_KEYS = ("step", "time", "metrics", "nbytes", "tracker", "name", "size", "crc32")
+_META_KEYS = ("step", "time", "metrics", "nbytes", "tracker", "name", "size", "crc32", "parts")
 
 
 def meta_subset(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,7 +193,11 @@ class CheckpointDirectory:
                         continue
                     record = Record(self.info(name, meta, entry.name, corrupt), meta, corrupt, entry.name, recorded)
                 else:
-                    record = Record(self.info(entry.name, meta, None, corrupt), meta, corrupt, None, recorded)
+                    try:
+                        parts = part_names(meta, str(self.path / entry.name))
+                    except CorruptCheckpointError as exc:
+                        meta, corrupt, parts = {"step": entry.step, "time": entry.mtime_ns / 1e9}, reason_of(exc), ()
+                    record = Record(self.info(entry.name, meta, None, corrupt), meta, corrupt, None, recorded, parts)
                 previous = records.get(record.info.step)
                 if previous is None or previous.info.time <= record.info.time:
                     records[record.info.step] = record
@@ -201,6 +205,11 @@ class CheckpointDirectory:
             if not vanished:
                 break
         if not self.read_only:
+            # Parts no commit record names: a sharded save that failed or was killed
+            # before its commit, or a deletion cut short. No save runs while the
+            # writer lists (it lists only when it opens and in rollback()).
+            referenced = {name for record in records.values() for name in record.parts}
+            orphans += [name for name in storage.part_files(self.path) if name not in referenced]
             if orphans:
                 storage.remove_files(self.path, orphans)
             if changed:
@@ -264,6 +273,38 @@ class CheckpointDirectory:
     def tree_path(self, step: int) -> Path:
         return self.path / storage.checkpoint_name(step)
 
+    def write_part(self, step: int, rank: int, world_size: int, token: str, state: Any,
+                   meta: dict[str, Any]) -> dict[str, Any]:
+        """Write one rank's part of a sharded checkpoint (atomic, durable; not listed
+        until :meth:`commit_parts`). Any rank may call it; it needs no lock.
+
+        Returns:
+            What the commit record keeps of it: ``{"name", "size", "nbytes"}``.
+        """
+        name = storage.part_name(step, rank, world_size, token)
+        meta = dict(meta, part={"rank": rank, "world_size": world_size, "token": token})
+        nbytes = storage.write_atomic(
+            self.path, name, lambda tmp: codec.write_file(tmp, state, meta, writeback=storage.Writeback))
+        try:
+            size = os.stat(self.path / name).st_size
+        except OSError as exc:
+            raise storage.io_error("Cannot stat checkpoint part", self.path / name, exc) from exc
+        return {"name": name, "size": size, "nbytes": nbytes}
+
+    def commit_parts(self, step: int, token: str, parts: list[dict[str, Any]], meta: dict[str, Any]) -> Record:
+        """Commit a sharded checkpoint whose parts (by rank) are written and durable:
+        its commit record ``ckpt-<step>.h5`` names each part, its size and the token."""
+        meta = dict(meta, parts={"world_size": len(parts), "token": token, "files": parts},
+                    nbytes=sum(int(p["nbytes"]) for p in parts))
+        name = storage.checkpoint_name(step)
+        storage.write_atomic(self.path, name, lambda tmp: codec.write_file(tmp, None, meta, writeback=storage.Writeback))
+        return Record(self.info(name, meta), meta, parts=tuple(p["name"] for p in parts))
+
+    def discard_parts(self, names: list[str]) -> None:
+        """Remove parts of a save that will not be committed (best effort: the next
+        writer's open removes what is left)."""
+        storage.remove_files(self.path, [n for n in names if storage.parse_part_name(n) is not None])
+
     def write_payload(self, name: str, write: Callable[[Path], object]) -> Path:
         """Run a payload's writer on a temporary file; return it, for :meth:`commit_payload`."""
         return storage.write_payload(self.path, name, write)
@@ -309,9 +350,12 @@ class CheckpointDirectory:
 
     def load(
         self, record: Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None,
-        mmap: bool = False,
+        mmap: bool = False, rank: int | None = None,
     ) -> Loaded:
         """Read (and verify) one checkpoint: its tree (None with ``tree=False``), or a payload's path.
+
+        A sharded checkpoint (several ranks' parts): ``rank``'s part; with ``tree=False``
+        the commit record and every part are verified.
 
         Raises:
             CheckpointNotFoundError: its file is gone (deleted under a reader), or a
@@ -343,6 +387,9 @@ class CheckpointDirectory:
                         f"Expected a state-tree checkpoint for select=. Received: {path} is a file payload"
                     )
                 return Loaded(path, record)
+            if record.parts:
+                return Loaded(self._load_sharded(record, verify=verify, tree=tree, select=select,
+                                                 mmap=mmap, rank=rank), record)
             if not tree:
                 manifest = codec.verify_file(path)
                 value = None
@@ -353,6 +400,60 @@ class CheckpointDirectory:
                 f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}"
             )
         return Loaded(value, record)
+
+    def _load_sharded(self, record: Record, *, verify: bool, tree: bool, select: codec.Selection | None,
+                      mmap: bool, rank: int | None) -> Any:
+        """One rank's part (or, with ``tree=False``, a check of every part).
+
+        The commit record is read again (a listing may be older than a save of the same
+        step), and each part must be the file it names: its size, and the step, rank,
+        world size and token in the part's own checksummed manifest.
+        """
+        path = Path(record.info.path)
+        world = len(record.parts)
+        manifest = codec.verify_file(path) if verify else codec.read_meta(path)
+        if manifest.get("step") != record.info.step:
+            raise CorruptCheckpointError(f"{path}: holds step {manifest.get('step')!r}, its name says {record.info.step}")
+        names = part_names(manifest, str(path))
+        if names != record.parts:
+            raise CheckpointNotFoundError(f"{path} was replaced by a newer save of step {record.info.step}")
+        sizes = [int(p["size"]) for p in manifest["parts"]["files"]]
+        token = manifest["parts"]["token"]
+        if not tree:
+            wanted = list(range(world))
+        elif rank is None or not 0 <= rank < world:
+            raise ValueError(
+                f"Expected rank to be the rank of one part of {path} (sharded across {world} ranks: 0 to "
+                f"{world - 1}). Received: rank={rank!r}"
+            )
+        else:
+            wanted = [rank]
+        value = None
+        for k in wanted:
+            part = self.path / names[k]
+            where = f"{part} (part {k} of {world} of step {record.info.step})"
+            try:
+                size = os.stat(part, follow_symlinks=False).st_size
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{where}: missing") from exc
+            if size != sizes[k]:
+                raise CorruptCheckpointError(f"{where}: {size} bytes, its commit record says {sizes[k]}")
+            if not storage.is_regular_file(part):
+                raise CorruptCheckpointError(f"{where}: not a regular file, refused")
+            try:
+                if tree:
+                    value, part_manifest = codec.read_file(part, verify=verify, select=select, mmap=mmap)
+                else:
+                    part_manifest = codec.verify_file(part)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{where}: missing") from exc
+            expected = {"rank": k, "world_size": world, "token": token}
+            if part_manifest.get("step") != record.info.step or part_manifest.get("part") != expected:
+                raise CorruptCheckpointError(
+                    f"{where}: its manifest says step {part_manifest.get('step')!r}, part "
+                    f"{part_manifest.get('part')!r}; the commit record expects {expected}"
+                )
+        return value
 
     def _replaced_by(self, record: Record, size: int, crc: int) -> Record | None:
         """A payload failing its listed checksum may have been replaced under its name.
@@ -429,6 +530,34 @@ def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
     except ValueError as exc:
         raise CorruptCheckpointError(f"{where}: malformed metadata (payload name {meta['name']!r})") from exc
     return meta
+
+
+def part_names(meta: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The part files (by rank) a commit record names; () for a checkpoint in one file.
+
+    Raises:
+        CorruptCheckpointError: the part list is malformed: each name must be the part
+            file of this step for its rank, the world size and the token (a hostile or
+            damaged record must not make readers read, or retention delete, other files).
+    """
+    raw = meta.get("parts")
+    if raw is None:
+        return ()
+    try:
+        step, world, token, files = meta["step"], raw["world_size"], raw["token"], raw["files"]
+        ok = (type(world) is int and 1 <= world <= 99_999 and isinstance(token, str) and isinstance(files, list)
+              and len(files) == world and type(step) is int)
+        names = tuple(
+            storage.part_name(step, k, world, token) if ok and isinstance(f, dict) and f.get("name")
+            == storage.part_name(step, k, world, token) and type(f.get("size")) is int and f["size"] >= 0
+            and type(f.get("nbytes")) is int and f["nbytes"] >= 0 else ""
+            for k, f in enumerate(files if ok else [])
+        )
+        if not ok or not all(names) or storage.parse_part_name(names[0]) is None:
+            raise ValueError
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed list of parts") from exc
+    return names
 
 
 def reason_of(exc: BaseException) -> str:

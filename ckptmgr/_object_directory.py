@@ -624,7 +624,7 @@ class ObjectCheckpointDirectory:
 
     def load(
         self, record: Record, *, verify: bool, tree: bool = True, select: codec.Selection | None = None,
-        mmap: bool = False,
+        mmap: bool = False, rank: int | None = None,
     ) -> Loaded:
         """Download, then read (and verify) one checkpoint; ``tree=False``: verify only.
 

@@ -22,7 +22,14 @@ from ._directory import READ_RETRIES, CheckpointDirectory, Loaded
 from ._object_directory import ObjectCheckpointDirectory
 from ._retention import Catalog
 from ._retention import Record as _Record
-from .errors import CheckpointNotFoundError, CheckpointWarning, CorruptCheckpointError
+from .coordinator import Coordinator
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    CoordinatorError,
+    CorruptCheckpointError,
+)
 from .info import CheckpointDescription, CheckpointInfo, Which
 from .metrics import MetricTracker
 
@@ -44,6 +51,7 @@ class CheckpointReader:
     _restored: CheckpointInfo | None
     _skipped_corrupt: set[int]
     _labels_current: bool
+    _coordinator: Coordinator | None = None
 
     def _apply_retention(self, *, delete: bool = True) -> list[CheckpointInfo]:
         raise NotImplementedError
@@ -172,7 +180,7 @@ class CheckpointReader:
 
     def restore(
         self, which: Which = "latest", *, verify: bool = True, select: str | Sequence[str] | None = None,
-        mmap: bool = False,
+        mmap: bool = False, rank: int | None = None,
     ) -> Any:
         """Load a checkpoint's state tree (or, for a payload checkpoint, its file's path).
 
@@ -204,6 +212,15 @@ class CheckpointReader:
                 checksums are not (that would read every byte): run :meth:`verify`
                 to check them. Retention deleting the file does not affect arrays
                 already returned. Payload checkpoints and scalars are read as usual.
+            rank: read rank ``rank``'s part of a checkpoint saved by several processes
+                with ``sharded=True`` (e.g. to combine the parts on another number of
+                ranks); a checkpoint in one file is returned whole. Not a collective:
+                ``which`` is resolved here, without fallback.
+
+        With a coordinator (and no ``rank``) it is a collective: every rank restores the
+        same step, its own part of it (``sharded=True`` checkpoints) or the one copy;
+        ``"latest"`` falls back, on every rank together, past a step any rank cannot
+        read or verify.
 
         Returns:
             The state tree, equal to the one saved (types, dtypes, shapes, values); for
@@ -215,9 +232,26 @@ class CheckpointReader:
                 ``"latest"``) fails verification.
             CheckpointIOError: a file could not be read.
             KeyError: a selected key path is not in the checkpoint (the message names it).
-            ValueError: ``select`` is malformed, or given for a payload checkpoint.
+            ValueError: ``select`` is malformed, or given for a payload checkpoint; a
+                sharded checkpoint without a coordinator or ``rank``, or ``rank`` out
+                of its range.
+            CheckpointError: a sharded checkpoint saved by another number of ranks
+                than this job's (the message names both).
+            CoordinatorError: another rank died or stalled, or failed to read the step
+                asked for.
         """
-        return self._restore(which, verify, parse_select(select), mmap=mmap)[0]
+        parsed = parse_select(select)
+        if which not in ("latest", "best") and not (isinstance(which, (int, np.integer)) and not isinstance(which, bool)):
+            raise ValueError(f"Expected which to be 'latest', 'best' or a step. Received: which={which!r}")
+        if rank is not None:
+            if type(rank) is not int or rank < 0:
+                raise ValueError(f"Expected rank to be an int >= 0. Received: rank={rank!r}")
+            record = self._resolve(which)
+            value = self._exactly(record, self._dir.load(record, verify=verify, select=parsed, mmap=mmap, rank=rank))
+            return value
+        if self._coordinator is not None:
+            return self._restore_coordinated(which, verify, parsed, mmap)[0]
+        return self._restore(which, verify, parsed, mmap=mmap)[0]
 
     def restore_or_initialize(self, init: Callable[[], T]) -> T | Any:
         """The latest good checkpoint's state, or ``init()`` if there is no checkpoint.
@@ -228,6 +262,8 @@ class CheckpointReader:
             CheckpointIOError: a file could not be read.
         """
         try:
+            if self._coordinator is not None:
+                return self._restore_coordinated("latest", True, None, False)[0]
             return self._restore("latest", True)[0]
         except CheckpointNotFoundError:
             if self.checkpoints:
@@ -350,6 +386,83 @@ class CheckpointReader:
         if failures:
             raise CorruptCheckpointError(
                 f"No checkpoint in {self._directory} verifies ({len(failures)} corrupt): "
+                + "; ".join(failures)
+            )
+        raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")
+
+    def _restore_coordinated(
+        self, which: Which, verify: bool, select: codec.Selection | None, mmap: bool,
+    ) -> tuple[Any, CheckpointInfo]:
+        """restore() of a job of several processes: the same step on every rank.
+
+        Rank 0 names the candidates (newest first for "latest"); for each, every rank
+        reads and verifies what it needs (its part, or the one copy) and an all-gather
+        tells all whether everyone succeeded: the first step that every rank could
+        read is the one restored, everywhere.
+        """
+        c = self._coordinator
+        assert c is not None
+        if c.rank == 0:
+            try:
+                steps = (sorted(self._records, reverse=True) if which == "latest"
+                         else [self._resolve(which).info.step])
+                plan: Any = {"steps": steps}
+            except CheckpointNotFoundError as exc:
+                plan = {"missing": str(exc)}
+            plan = c.broadcast(plan)
+        else:
+            plan = c.broadcast(None)
+            self._refresh()
+        if "missing" in plan:
+            raise CheckpointNotFoundError(plan["missing"])
+        failures: list[str] = []
+        for step in plan["steps"]:
+            record = self._records.get(step)
+            value: Any = None
+            own: BaseException | None = None
+            report: dict[str, Any]
+            try:
+                if record is None:
+                    raise CheckpointNotFoundError(
+                        f"Rank {c.rank} sees no checkpoint of step {step} in {self._directory}: is the "
+                        "directory on a file system every rank sees?"
+                    )
+                if record.parts and len(record.parts) != c.world_size:
+                    raise CheckpointError(
+                        f"{record.info.path} was saved by {len(record.parts)} ranks, each its own part "
+                        f"(sharded=True); this job has {c.world_size}. Restore it on {len(record.parts)} "
+                        "ranks, or read each part with restore(step, rank=k) and combine them yourself"
+                    )
+                value = self._dir.load(record, verify=verify, select=select, mmap=mmap,
+                                       rank=c.rank if record.parts else None).value
+                report = {"ok": True}
+            except CorruptCheckpointError as exc:
+                own, report = exc, {"corrupt": f"rank {c.rank}: {exc}"}
+            except (CheckpointError, KeyError, ValueError) as exc:
+                own, report = exc, {"error": f"rank {c.rank}: {type(exc).__name__}: {exc}"}
+            reports = c.all_gather(report)
+            errors = [r["error"] for r in reports if "error" in r]
+            corrupt = [r["corrupt"] for r in reports if "corrupt" in r]
+            if not errors and not corrupt:
+                assert record is not None
+                self._after_restore(record)
+                return value, record.info
+            if errors or which != "latest":
+                if own is not None:
+                    raise own
+                raise CoordinatorError(f"rank {c.rank}: restoring step {step} failed on another rank: "
+                                       + "; ".join(errors + corrupt))
+            failures.extend(corrupt)
+            self._skipped_corrupt.add(step)
+            warnings.warn(
+                f"ckptmgr: skipping corrupt checkpoint of step {step} ({'; '.join(corrupt)}); "
+                "falling back to an older one on every rank",
+                CheckpointWarning,
+                stacklevel=4,
+            )
+        if failures:
+            raise CorruptCheckpointError(
+                f"No checkpoint in {self._directory} verifies on every rank ({len(failures)} failures): "
                 + "; ".join(failures)
             )
         raise CheckpointNotFoundError(f"No checkpoint in {self._directory}")

@@ -38,12 +38,15 @@ class Record:
     corrupt: str | None = None
     sidecar: str | None = None  # payload checkpoints: the metadata file's name
     recorded_reasons: tuple[KeepReason, ...] = ()  # what the writer's index said, for readers
+    parts: tuple[str, ...] = ()  # a sharded checkpoint: every rank's part file, by rank
 
     @property
     def files(self) -> list[str]:
         # The payload before its sidecar: a deletion cut short leaves a sidecar
         # without payload, which the next writer removes, never an untracked payload.
-        return [self.info.path.name] + ([self.sidecar] if self.sidecar else [])
+        # The commit record before the parts: a cut leaves orphan parts, never a
+        # listed checkpoint that lacks one.
+        return [self.info.path.name] + ([self.sidecar] if self.sidecar else []) + list(self.parts)
 
 
 def _time_key(info: CheckpointInfo) -> tuple[float, int]:

@@ -9,6 +9,7 @@ the builtin that describes them best, so callers can catch either::
           ├── CorruptCheckpointError  (also ValueError)
           ├── DirectoryLockedError    (also BlockingIOError)
           ├── StepOrderError          (also ValueError)
+          ├── CoordinatorError        (also TimeoutError)
           └── CheckpointIOError       (also OSError)
                └── ObjectStoreError
 
@@ -64,6 +65,15 @@ class StepOrderError(CheckpointError, ValueError):
         super().__init__(message)
         self.step = step
         self.latest = latest
+
+
+class CoordinatorError(CheckpointError, TimeoutError):
+    """The processes of a job could not agree: a peer died, stalled past the
+    coordinator's timeout, or failed its part of a save or restore.
+
+    Raised on every surviving rank, within the coordinator's timeout; nothing partial
+    becomes visible (a step is committed only once every part is durable).
+    """
 
 
 class CheckpointIOError(CheckpointError, OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 import warnings
@@ -11,17 +12,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from ._args import check_metrics, check_options, check_step, opened_at, steps_text
+from ._args import check_coordination, check_metrics, check_options, check_step, opened_at, steps_text
 from ._directory import CheckpointDirectory
 from ._object_directory import ObjectCheckpointDirectory, is_url
 from ._reader import CheckpointReader
 from ._retention import Catalog, IncrementalKeep
 from ._retention import Record as _Record
 from ._writer import SaveWriter
+from .coordinator import Coordinator
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    CoordinatorError,
     MissingMetricWarning,
     StepOrderError,
 )
@@ -101,6 +104,24 @@ class CheckpointManager(CheckpointReader):
             (``endpoint_url``, ``key``, ``secret``, ``client_kwargs``, ...). Without it
             the standard AWS environment variables (``AWS_ACCESS_KEY_ID``,
             ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) are used.
+        coordinator: for a job of several processes (``torchrun``, JAX multi-process,
+            ...): a :class:`ckptmgr.Coordinator` such as
+            ``ckptmgr.adapters.torch.TorchCoordinator()``. Every rank opens the manager
+            on the same directory (one every rank sees: a shared file system, or one
+            machine) and calls ``save``, ``should_save`` and ``restore`` at the same
+            points; rank 0 decides (the save policy, metrics, best, retention) and
+            commits, and each call returns the same answer on every rank. ``save``
+            returns only once the step is committed, on every rank. A rank that died or
+            stalls makes the others raise :class:`CoordinatorError` within the
+            coordinator's timeout (which must exceed the time a save takes). The metrics
+            that count are rank 0's. ``prune``, ``rollback`` and ``delete_all`` run on
+            rank 0 alone. See "Many processes" in the README.
+        sharded: with a coordinator: True when each rank's state is its own part (a
+            shard): every rank writes its part, and restores its own; a checkpoint so
+            saved restores only on as many ranks (``restore(step, rank=k)`` reads any
+            rank's part, e.g. to reshard). False (DDP-style, the same state on every
+            rank): rank 0 writes the one copy and every rank restores it, on any number
+            of ranks.
 
     Raises:
         ValueError: bad arguments ("Expected ... Received: ..."), a URL other than
@@ -129,9 +150,15 @@ class CheckpointManager(CheckpointReader):
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
         storage_options: Mapping[str, Any] | None = None,
+        coordinator: Coordinator | None = None,
+        sharded: bool = False,
     ) -> None:
         check_options(directory, save_every, keep, monitor, mode, best_only=best_only,
                       async_save=async_save, read_only=read_only, storage_options=storage_options)
+        check_coordination(directory, coordinator, sharded=sharded, async_save=async_save, read_only=read_only)
+        self._coordinator = coordinator
+        self._sharded = sharded
+        follower = coordinator is not None and coordinator.rank != 0
         self._tracker = (
             MetricTracker(monitor, mode=mode, min_delta=min_delta, baseline=baseline)
             if monitor is not None else None
@@ -141,7 +168,10 @@ class CheckpointManager(CheckpointReader):
         self._save_every = save_every
         self._keep = keep
         self._best_only = best_only
-        self._read_only = read_only
+        # A follower (rank > 0 of a job) lists and reads like a reader; it saves
+        # through rank 0, which holds the lock and commits.
+        self._read_only = read_only or follower
+        self._writable = not read_only
         self._clock = clock
         self._mutex = threading.RLock()
         self._catalog = Catalog()
@@ -157,6 +187,29 @@ class CheckpointManager(CheckpointReader):
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
 
         self._dir: CheckpointDirectory | ObjectCheckpointDirectory
+        if coordinator is None:
+            self._open(directory, storage_options, async_save)
+        elif follower:
+            # Rank 0 creates the directory and cleans up after a killed job first.
+            opened = coordinator.broadcast(None)
+            if opened is not None:
+                raise CoordinatorError(f"rank {coordinator.rank}: rank 0 could not open {directory}: {opened}")
+            self._open(directory, storage_options, async_save)
+        else:
+            try:
+                self._open(directory, storage_options, async_save)
+            except BaseException as exc:
+                coordinator.broadcast(f"{type(exc).__name__}: {exc}")
+                raise
+            try:
+                coordinator.broadcast(None)
+            except BaseException:
+                self._dir.release()
+                raise
+
+    def _open(self, directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None,
+              async_save: bool) -> None:
+        read_only = self._read_only
         if is_url(directory):
             self._dir = ObjectCheckpointDirectory(str(directory), storage_options, read_only=read_only,
                                                   owner=opened_at())
@@ -171,7 +224,7 @@ class CheckpointManager(CheckpointReader):
             raise
         self._writer = SaveWriter(self, self._directory, background=async_save)
         recorded = self._newest_tracker_state()
-        if read_only:
+        if not self._writable:
             self._adopt_tracker(recorded)
         self._restore_tracker(recorded)
         with self._mutex:
@@ -183,10 +236,17 @@ class CheckpointManager(CheckpointReader):
         """Whether ``save(step, ..., metrics=metrics)`` would write a checkpoint.
 
         Changes nothing: use it to skip building an expensive state on steps that would
-        not be saved.
+        not be saved. With a coordinator it is a collective (every rank calls it): rank
+        0's answer, on every rank.
         """
         step = check_step(step)
         metrics = check_metrics(metrics)
+        if self._coordinator is not None:
+            answer = self._should_save(step, metrics) if self._coordinator.rank == 0 else None
+            return bool(self._coordinator.broadcast(answer))
+        return self._should_save(step, metrics)
+
+    def _should_save(self, step: int, metrics: dict[str, float]) -> bool:
         value = metrics.get(self._tracker.monitor) if self._tracker else None
         if self._best_only and value is None:
             return False
@@ -231,7 +291,11 @@ class CheckpointManager(CheckpointReader):
                 (server down, connection dropped, ...); nothing partial is visible.
             DirectoryLockedError: on object storage, this writer lost its lease.
             CheckpointError: the manager is read-only or closed; a FilePayload on
-                object storage (not supported there yet).
+                object storage or with a coordinator (not supported there yet).
+            CoordinatorError: with a coordinator: another rank died, stalled past the
+                timeout, called save() with another step, or failed to write its part
+                (this rank then raises that error itself); nothing was committed.
+            StepOrderError: ``step`` is below the latest checkpoint (every rank raises it).
         """
         self._check_writable()
         if isinstance(state, FilePayload) and isinstance(self._dir, ObjectCheckpointDirectory):
@@ -240,37 +304,14 @@ class CheckpointManager(CheckpointReader):
         metrics = check_metrics(metrics)
         if not isinstance(force, bool):
             raise ValueError(f"Expected force to be a bool. Received: force={force!r}")
+        if self._coordinator is not None:
+            return self._save_coordinated(step, state, metrics, force)
         self._check_step_order(step)
         self._writer.poll()  # a failed background write surfaces here, without blocking
-        value = None
-        improved = False
-        best_before = (self._tracker.best, self._tracker.best_step) if self._tracker else (None, None)
-        if self._tracker is not None:
-            value = metrics.get(self._tracker.monitor)
-            if value is None:
-                warnings.warn(
-                    f"ckptmgr: save(step={step}) got no {self._tracker.monitor!r} metric "
-                    f"(got {sorted(metrics)}); "
-                    + ("skipping: best_only needs it" if self._best_only and not force
-                       else "the checkpoint is never ranked best"),
-                    MissingMetricWarning,
-                    stacklevel=2,
-                )
-            improved = self._tracker.update(step, value)
-        if not force:
-            if self._best_only and value is None:
-                return None
-            if self._save_every is not None and not self._save_every.should_save(
-                self._save_context(step, improved)
-            ):
-                return None
-        now = self._clock()
-        meta = {
-            "step": step,
-            "time": now,
-            "metrics": metrics,
-            "tracker": self._tracker.state_dict() if self._tracker else None,
-        }
+        wanted, meta, best_before = self._decide(step, metrics, force=force, stacklevel=3)
+        if not (wanted or force):
+            return None
+        now = meta["time"]
         self._last_save_time = now
         path: Path | ObjectURL
         if isinstance(state, FilePayload):
@@ -284,6 +325,125 @@ class CheckpointManager(CheckpointReader):
             path = self._dir.tree_path(step)
         info = self._writer.run(step, commit, lambda: self._forget_best(step, best_before))
         return info if info is not None else CheckpointInfo(step, path, metrics, now, 0)
+
+    def _decide(
+        self, step: int, metrics: dict[str, float], *, force: bool, stacklevel: int,
+    ) -> tuple[bool, dict[str, Any], tuple[float | None, int | None]]:
+        """Record the monitored metric; whether the save policy wants ``step`` saved.
+
+        Returns that, the checkpoint's metadata should it be saved, and the best before
+        this call (to forget a best whose save then failed).
+        """
+        value = None
+        improved = False
+        best_before = (self._tracker.best, self._tracker.best_step) if self._tracker else (None, None)
+        if self._tracker is not None:
+            value = metrics.get(self._tracker.monitor)
+            if value is None:
+                warnings.warn(
+                    f"ckptmgr: save(step={step}) got no {self._tracker.monitor!r} metric "
+                    f"(got {sorted(metrics)}); "
+                    + ("skipping: best_only needs it" if self._best_only and not force
+                       else "the checkpoint is never ranked best"),
+                    MissingMetricWarning,
+                    stacklevel=stacklevel + 1,
+                )
+            improved = self._tracker.update(step, value)
+        if self._best_only and value is None:
+            wanted = False
+        else:
+            wanted = self._save_every is None or self._save_every.should_save(self._save_context(step, improved))
+        meta = {
+            "step": step,
+            "time": self._clock(),
+            "metrics": metrics,
+            "tracker": self._tracker.state_dict() if self._tracker else None,
+        }
+        return wanted, meta, best_before
+
+    def _save_coordinated(
+        self, step: int, state: Any, metrics: dict[str, float], force: bool,
+    ) -> CheckpointInfo | None:
+        """save() in a job of several processes: one decision, one commit, every rank.
+
+        One all-gather carries every rank's step and ``force`` and rank 0's decision (so
+        a pre-empted rank's forced save makes every rank save that step); then each rank
+        writes its part (sharded) or rank 0 the one copy; a second all-gather brings
+        every part's report to rank 0, which writes the commit record last; its outcome
+        is broadcast, and every rank returns the same info or raises.
+        """
+        if isinstance(state, FilePayload):
+            raise CheckpointError(f"Saving a FilePayload with a coordinator is not supported ({self._directory})")
+        c = self._coordinator
+        directory = self._dir
+        assert c is not None and isinstance(directory, CheckpointDirectory)
+        leader = c.rank == 0
+        mine: dict[str, Any] = {"step": step, "force": force}
+        best_before: tuple[float | None, int | None] = (None, None)
+        if leader:
+            try:
+                self._check_step_order(step)
+            except StepOrderError as exc:
+                mine["refused"] = [str(exc), exc.step, exc.latest]
+            else:
+                wanted, meta, best_before = self._decide(step, metrics, force=force, stacklevel=4)
+                mine.update(save=wanted, meta=meta, token=secrets.token_hex(4))
+        gathered = c.all_gather(mine)
+        steps = [g.get("step") for g in gathered]
+        if len(set(steps)) != 1:
+            raise CoordinatorError(
+                f"rank {c.rank}: the ranks called save() with different steps ({steps}, by rank): "
+                "every rank must save the same step"
+            )
+        lead = gathered[0]
+        if "refused" in lead:
+            text, asked, latest = lead["refused"]
+            raise StepOrderError(text, step=asked, latest=latest)
+        meta = lead["meta"]
+        if not leader and self._tracker is not None and meta.get("tracker") is not None:
+            self._tracker.load_state_dict(meta["tracker"])
+        forced = [rank for rank, g in enumerate(gathered) if g.get("force")]
+        if not (lead["save"] or forced):
+            return None
+        if leader:
+            self._last_save_time = meta["time"]
+        own_error: BaseException | None = None
+        outcome: Any = None
+        if self._sharded:
+            try:
+                report: dict[str, Any] = directory.write_part(
+                    step, c.rank, c.world_size, lead["token"], state, {"step": step, "time": meta["time"]})
+            except (CheckpointError, TypeError, ValueError) as exc:
+                own_error, report = exc, {"error": f"{type(exc).__name__}: {exc}"}
+            reports = c.all_gather(report)
+            if leader:
+                failed = {rank: r["error"] for rank, r in enumerate(reports) if "error" in r}
+                if failed:
+                    outcome = {"error": "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())}
+                else:
+                    try:
+                        record = directory.commit_parts(step, lead["token"], reports, meta)
+                        outcome = {"info": _info_message(self._committed(record))}
+                    except CheckpointError as exc:
+                        own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+                if "error" in outcome:
+                    directory.discard_parts([r["name"] for r in reports if "name" in r])
+        elif leader:
+            try:
+                outcome = {"info": _info_message(self._commit_tree(step, state, meta))}
+            except (CheckpointError, TypeError, ValueError) as exc:
+                own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+        outcome = c.broadcast(outcome)
+        if "error" in outcome:
+            if leader:
+                self._forget_best(step, best_before)
+            if own_error is not None:
+                raise own_error
+            raise CoordinatorError(f"rank {c.rank}: the save of step {step} failed, nothing was committed: "
+                                   f"{outcome['error']}")
+        if leader:
+            return self._records[step].info
+        return _info_from_message(outcome["info"], self._dir.tree_path(step))
 
     def _check_step_order(self, step: int) -> None:
         """Steps only move forward: a save below the latest would be hidden by it.
@@ -346,7 +506,8 @@ class CheckpointManager(CheckpointReader):
                         and (old := self._catalog.remove(s)) is not None]
             self._catalog.add(record)
             # The same step saved under another name: the new checkpoint replaces it.
-            stale = [f for old in replaced if old.info.path != record.info.path for f in old.files]
+            kept = set(record.files)
+            stale = [f for old in replaced for f in old.files if f not in kept]
             self._dir.delete(stale)
             self._apply_retention(just_saved=step)
             self._dir.saved(self._records)
@@ -401,6 +562,7 @@ class CheckpointManager(CheckpointReader):
                 write failed.
         """
         self._check_writable()
+        self._check_leader("delete_all()")
         self._writer.wait()
         with self._mutex:
             for step in sorted(self._records):
@@ -425,8 +587,21 @@ class CheckpointManager(CheckpointReader):
         except CheckpointError as close_exc:
             warnings.warn(f"ckptmgr: while closing after an error: {close_exc}", CheckpointWarning, stacklevel=2)
 
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """The coordinator of a job of several processes (None: one process)."""
+        return self._coordinator
+
+    def _check_leader(self, what: str) -> None:
+        if self._coordinator is not None and self._coordinator.rank != 0:
+            raise CheckpointError(
+                f"{what} runs on rank 0 alone (this is rank {self._coordinator.rank} of "
+                f"{self._coordinator.world_size}): call it there; the other ranks see the result "
+                f"in {self._directory}"
+            )
+
     def _check_writable(self) -> None:
-        if self._read_only:
+        if not self._writable:
             raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is read-only")
         if self._closed:
             raise CheckpointError(f"CheckpointManager({str(self._directory)!r}) is closed")
@@ -468,6 +643,7 @@ class CheckpointManager(CheckpointReader):
                 object storage (not supported there yet).
         """
         self._check_writable()
+        self._check_leader("rollback()")
         if isinstance(self._dir, ObjectCheckpointDirectory):
             raise CheckpointError(f"rollback() is not supported on object storage yet ({self._directory})")
         step = check_step(step)
@@ -532,6 +708,7 @@ class CheckpointManager(CheckpointReader):
         """
         if not dry_run:
             self._check_writable()
+            self._check_leader("prune()")
         policy = self._keep if keep is None else keep
         if not isinstance(policy, RetentionPolicy):
             raise ValueError(
@@ -661,3 +838,15 @@ class CheckpointManager(CheckpointReader):
             self._labels_current = False
         return removed
 
+
+
+def _info_message(info: CheckpointInfo) -> dict[str, Any]:
+    """What rank 0 tells the other ranks of a checkpoint it committed (JSON)."""
+    return {"step": info.step, "metrics": dict(info.metrics), "time": info.time, "nbytes": info.nbytes,
+            "reasons": [[str(r), r.kind, r.detail] for r in info.keep_reasons]}
+
+
+def _info_from_message(message: dict[str, Any], path: Path | ObjectURL) -> CheckpointInfo:
+    reasons = tuple(KeepReason(text, kind, detail) for text, kind, detail in message["reasons"])
+    return CheckpointInfo(message["step"], path, message["metrics"], message["time"], message["nbytes"],
+                          keep_reasons=reasons, metadata_path=path)

@@ -19,6 +19,8 @@ EXPECTED_ALL = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWarning",
+    "Coordinator",
+    "CoordinatorError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "EverySeconds",

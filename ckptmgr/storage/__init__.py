@@ -12,6 +12,10 @@ Directory layout::
       model-03-0.31.keras      a payload checkpoint: a framework-native file ...
       .ckptmgr-<hash>.json     ... and its metadata (step, metrics, size, checksum);
                                <hash> is derived from the payload's file name
+      ckpt-000001000.rank-00001-of-00002.<token>.h5
+                               rank 1's part of a sharded checkpoint of several
+                               processes; ckpt-000001000.h5 is then its commit record,
+                               written last, naming every part (and the token)
       .ckpt-<random>.tmp[-NAME] a save in progress; removed by the next writer that opens
       .ckpt-<random>.commit    a payload commit in progress (see below)
       .ckptmgr.lock            the writer lock (filelock; released by the OS on death)
@@ -43,6 +47,9 @@ from ._layout import (
     io_error,
     is_regular_file,
     parse_name,
+    parse_part_name,
+    part_files,
+    part_name,
     read_small,
     scan,
     sidecar_name,
@@ -98,6 +105,9 @@ __all__ = [
     "is_regular_file",
     "load_index",
     "parse_name",
+    "parse_part_name",
+    "part_files",
+    "part_name",
     "pending_commits",
     "read_rollback_marker",
     "read_small",

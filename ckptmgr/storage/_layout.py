@@ -23,6 +23,7 @@ _CKPT_RE = re.compile(r"ckpt-(\d{9,20})\.h5")
 _TMP_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.tmp(-.+)?", re.DOTALL)
 _COMMIT_RE = re.compile(r"\.ckpt-[0-9a-f]{16}\.commit")
 _SIDECAR_RE = re.compile(r"\.ckptmgr-[0-9a-f]{16}\.json")
+_PART_RE = re.compile(r"ckpt-(\d{9,20})\.rank-(\d{5,9})-of-(\d{5,9})\.([0-9a-f]{8})\.h5")
 MAX_PAYLOAD_NAME = 200
 _CHUNK = 8 * 1024 * 1024
 _LIST_RETRIES = 10
@@ -42,6 +43,41 @@ def parse_name(name: str) -> int | None:
     # Only the canonical spelling: "ckpt-0000000001.h5" and "ckpt-000000001.h5" would
     # otherwise both claim step 1.
     return step if checkpoint_name(step) == name else None
+
+
+def part_name(step: int, rank: int, world_size: int, token: str) -> str:
+    """The file name of rank ``rank``'s part of a sharded checkpoint of ``step``.
+
+    ``token`` (8 hex digits, drawn per save) makes the names of a step saved again
+    differ from the first save's, so a commit record never names a file that a later
+    save of the same step is replacing.
+    """
+    return f"{checkpoint_name(step)[:-3]}.rank-{rank:05d}-of-{world_size:05d}.{token}.h5"
+
+
+def parse_part_name(name: str) -> tuple[int, int, int, str] | None:
+    """``(step, rank, world_size, token)`` of a part file name, or None if not one."""
+    match = _PART_RE.fullmatch(name)
+    if match is None:
+        return None
+    step, rank, world = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    token = match.group(4)
+    if rank >= world or part_name(step, rank, world, token) != name:
+        return None
+    return step, rank, world, token
+
+
+def part_files(directory: Path) -> list[str]:
+    """The names of the part files (of sharded checkpoints) in ``directory``.
+
+    Raises:
+        CheckpointIOError: the directory cannot be listed.
+    """
+    try:
+        with os.scandir(directory) as it:
+            return [e.name for e in it if parse_part_name(e.name) is not None and e.is_file(follow_symlinks=False)]
+    except OSError as exc:
+        raise io_error("Cannot list checkpoint directory", directory, exc) from exc
 
 
 def sidecar_name(payload_name: str) -> str:
