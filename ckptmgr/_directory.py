@@ -124,7 +124,8 @@ class CheckpointDirectory:
             path=path,
             metrics=metrics if isinstance(metrics, dict) else {},
             time=float(meta["time"]) if is_finite_number(meta.get("time")) else 0.0,
-            nbytes=int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
+            nbytes=_parts_nbytes(meta) if "parts" in meta else
+            int(meta["nbytes"]) if type(meta.get("nbytes")) is int else 0,
             kind="payload" if sidecar is not None else "tree",
             metadata_path=path if sidecar is None else self.path / sidecar,
             corrupt=corrupt,
@@ -294,8 +295,7 @@ class CheckpointDirectory:
     def commit_parts(self, step: int, token: str, parts: list[dict[str, Any]], meta: dict[str, Any]) -> Record:
         """Commit a sharded checkpoint whose parts (by rank) are written and durable:
         its commit record ``ckpt-<step>.h5`` names each part, its size and the token."""
-        meta = dict(meta, parts={"world_size": len(parts), "token": token, "files": parts},
-                    nbytes=sum(int(p["nbytes"]) for p in parts))
+        meta = dict(meta, parts={"world_size": len(parts), "token": token, "files": parts})
         name = storage.checkpoint_name(step)
         storage.write_atomic(self.path, name, lambda tmp: codec.write_file(tmp, None, meta, writeback=storage.Writeback))
         return Record(self.info(name, meta), meta, parts=tuple(p["name"] for p in parts))
@@ -530,6 +530,15 @@ def decode_sidecar(blob: bytes, where: str = "") -> dict[str, Any]:
     except ValueError as exc:
         raise CorruptCheckpointError(f"{where}: malformed metadata (payload name {meta['name']!r})") from exc
     return meta
+
+
+def _parts_nbytes(meta: Mapping[str, Any]) -> int:
+    """A sharded checkpoint's bytes of array data: its parts' (0 if malformed)."""
+    raw = meta["parts"]
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, list):
+        return 0
+    return sum(f["nbytes"] for f in files if isinstance(f, dict) and type(f.get("nbytes")) is int)
 
 
 def part_names(meta: Mapping[str, Any], where: str) -> tuple[str, ...]:
