@@ -133,6 +133,7 @@ class TrainingLoop:
         self._installed = False
         self._received: signal.Signals | None = None
         self._acted = False
+        self._peers: list[int] = []  # other ranks that received one of the signals
 
     @property
     def manager(self) -> ckptmgr.CheckpointManager:
@@ -141,8 +142,9 @@ class TrainingLoop:
 
     @property
     def preempted(self) -> bool:
-        """Whether one of ``signals`` arrived: the loop should save and stop."""
-        return self._received is not None
+        """Whether one of ``signals`` arrived (in a job of several processes: at any
+        rank, as the last ``step_done`` found): the loop should save and stop."""
+        return self._received is not None or bool(self._peers)
 
     @property
     def received_signal(self) -> signal.Signals | None:
@@ -226,6 +228,10 @@ class TrainingLoop:
         write, logs it, and, unless ``exit_code`` is None, closes the manager and
         raises ``SystemExit(exit_code)``.
 
+        With a manager that has a coordinator (a job of several processes) it is a
+        collective, every rank calls it for every step: a signal at any rank makes
+        every rank save the same step and stop (one small all-gather per call).
+
         Args:
             step: the number of steps done (1 after the first step).
             state: the state tree, or a function returning it (see :meth:`save`).
@@ -239,14 +245,19 @@ class TrainingLoop:
             Whatever :meth:`ckptmgr.CheckpointManager.save` raises.
         """
         received = self._received
-        if received is None:
+        coordinator = self._manager.coordinator
+        if coordinator is not None:
+            heard = coordinator.all_gather(None if received is None else received.name)
+            self._peers = [rank for rank, name in enumerate(heard) if name is not None and rank != coordinator.rank]
+        if received is None and not self._peers:
             return self.save(step, state, metrics=metrics)
-        self._acted = True
+        self._acted = received is not None
         info = self.save(step, state, metrics=metrics, force=True)
         self._manager.wait()
         _log.warning(
             "ckptmgr: %s received; saved step %d in %s%s",
-            received.name, step, self._manager.directory,
+            received.name if received is not None else f"a signal at rank(s) {self._peers}",
+            step, self._manager.directory,
             "" if self._exit_code is None else f"; exiting with status {self._exit_code}",
         )
         if self._exit_code is not None:

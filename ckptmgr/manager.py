@@ -372,8 +372,10 @@ class CheckpointManager(CheckpointReader):
         every part's report to rank 0, which writes the commit record last; its outcome
         is broadcast, and every rank returns the same info or raises.
         """
-        if isinstance(state, FilePayload):
-            raise CheckpointError(f"Saving a FilePayload with a coordinator is not supported ({self._directory})")
+        if isinstance(state, FilePayload) and self._sharded:
+            raise CheckpointError(
+                f"Saving a FilePayload with sharded=True is not supported ({self._directory}): a "
+                "framework's own file is saved by rank 0 alone (sharded=False)")
         c = self._coordinator
         directory = self._dir
         assert c is not None and isinstance(directory, CheckpointDirectory)
@@ -430,7 +432,12 @@ class CheckpointManager(CheckpointReader):
                     directory.discard_parts([r["name"] for r in reports if "name" in r])
         elif leader:
             try:
-                outcome = {"info": _info_message(self._commit_tree(step, state, meta))}
+                if isinstance(state, FilePayload):
+                    tmp = self._dir.write_payload(state.name, state.write)
+                    info = self._commit_payload(state.name, tmp, meta)
+                else:
+                    info = self._commit_tree(step, state, meta)
+                outcome = {"info": _info_message(info)}
             except (CheckpointError, TypeError, ValueError) as exc:
                 own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
         outcome = c.broadcast(outcome)
@@ -443,7 +450,9 @@ class CheckpointManager(CheckpointReader):
                                    f"{outcome['error']}")
         if leader:
             return self._records[step].info
-        return _info_from_message(outcome["info"], self._dir.tree_path(step))
+        path = (Path(self._directory) / state.name if isinstance(state, FilePayload)
+                else self._dir.tree_path(step))
+        return _info_from_message(outcome["info"], path)
 
     def _check_step_order(self, step: int) -> None:
         """Steps only move forward: a save below the latest would be hidden by it.
@@ -843,10 +852,12 @@ class CheckpointManager(CheckpointReader):
 def _info_message(info: CheckpointInfo) -> dict[str, Any]:
     """What rank 0 tells the other ranks of a checkpoint it committed (JSON)."""
     return {"step": info.step, "metrics": dict(info.metrics), "time": info.time, "nbytes": info.nbytes,
-            "reasons": [[str(r), r.kind, r.detail] for r in info.keep_reasons]}
+            "kind": info.kind, "reasons": [[str(r), r.kind, r.detail] for r in info.keep_reasons],
+            "metadata": None if info.metadata_path is None else Path(info.metadata_path).name}
 
 
 def _info_from_message(message: dict[str, Any], path: Path | ObjectURL) -> CheckpointInfo:
     reasons = tuple(KeepReason(text, kind, detail) for text, kind, detail in message["reasons"])
     return CheckpointInfo(message["step"], path, message["metrics"], message["time"], message["nbytes"],
-                          keep_reasons=reasons, metadata_path=path)
+                          keep_reasons=reasons, kind=message["kind"],
+                          metadata_path=None if message["metadata"] is None else Path(path).parent / message["metadata"])

@@ -389,3 +389,18 @@ def test_hostile_part_list_names_no_file_outside_its_step(tmp_path: Path) -> Non
             part_names(bad, "x")
     with pytest.raises(ckptmgr.CorruptCheckpointError):
         part_names({"step": 3, "parts": {"world_size": 1, "token": "../../x", "files": []}}, "x")
+
+
+def test_a_file_payload_is_written_by_rank_zero_alone(tmp_path: Path) -> None:
+    def work(c: ThreadCoordinator) -> Any:
+        def write(path: Path) -> None:
+            path.write_bytes(f"written by rank {c.rank}".encode())
+
+        with ckptmgr.CheckpointManager(tmp_path, coordinator=c) as mgr:
+            info = mgr.save(3, ckptmgr.FilePayload("model.bin", write))
+            return info, mgr.restore()
+
+    results = no_errors(run_ranks(2, work))
+    assert results[0][0] == results[1][0] and results[0][0].kind == "payload"
+    for _, path in results:
+        assert Path(path).read_bytes() == b"written by rank 0"
