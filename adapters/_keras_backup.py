@@ -11,7 +11,7 @@ from typing import Any
 
 import ckptmgr
 
-from ._keras_base import BatchCounter, CkptCallback, check_flags, keras_worded, next_step
+from ._keras_base import BatchCounter, CkptCallback, check_flags, job_coordinator, keras_worded, next_step
 from .rng import capture_rng, restore_rng
 from .tf import load_tree, to_tree
 
@@ -144,8 +144,12 @@ class BackupAndRestore(CkptCallback):
         self._pending = None
         self._resumed_at = None
         ctx = self.context
+        coordinator = job_coordinator(self.model)
+        # Several workers (MultiWorkerMirroredStrategy): the chief writes the one copy
+        # (the variables are mirrored), in the foreground, and every worker restores it.
         self._manager = ckptmgr.CheckpointManager(
-            self.backup_dir, keep=ckptmgr.KeepLast(2 if self.double_checkpoint else 1), async_save=self.async_save
+            self.backup_dir, keep=ckptmgr.KeepLast(2 if self.double_checkpoint else 1),
+            async_save=self.async_save and coordinator is None, coordinator=coordinator,
         )
         tree = self._manager.restore() if self._manager.latest is not None else None
         if tree is not None:
@@ -276,6 +280,11 @@ class BackupAndRestore(CkptCallback):
         manager = self._manager
         if manager is None:
             return
+        coordinator = manager.coordinator
+        if coordinator is not None and coordinator.rank != 0:
+            # The chief writes the one copy: another worker's state would not be read.
+            manager.save(self._next_step(manager), None, force=True)
+            return
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         build_config = _json_or_none(model.get_build_config() if hasattr(model, "get_build_config") else None)
@@ -309,6 +318,10 @@ class BackupAndRestore(CkptCallback):
         """
         marker = {"format": _FORMAT, "version": _VERSION, "finished": True}
         manager.save(self._next_step(manager), marker, force=True)
+        coordinator = manager.coordinator
+        if coordinator is not None and coordinator.rank != 0:
+            manager.close()  # the chief deletes
+            return
         manager.delete_all()  # oldest first: the marker goes last
         directory = Path(manager.directory)
         with contextlib.suppress(OSError):

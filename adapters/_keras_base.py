@@ -251,6 +251,30 @@ class CkptCallback(keras.callbacks.Callback):  # type: ignore[misc]
 # ----------------------------------------------------------------- shared helpers
 
 
+_COORDINATORS: weakref.WeakKeyDictionary[Any, ckptmgr.Coordinator] = weakref.WeakKeyDictionary()
+
+
+def job_coordinator(model: Any) -> ckptmgr.Coordinator | None:
+    """The coordinator of a ``fit()`` that runs on several workers, or None.
+
+    A model built under ``tf.distribute.MultiWorkerMirroredStrategy`` with more than one
+    worker trains in every worker's process: the callbacks there open their managers
+    with this coordinator (one per strategy), so the chief (rank 0) decides and writes,
+    and every worker restores the same backup. Any other strategy: None.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    tf = sys.modules.get("tensorflow")
+    if strategy is None or tf is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    coordinator = _COORDINATORS.get(strategy)
+    if coordinator is None:
+        from .tf import MultiWorkerCoordinator
+
+        coordinator = MultiWorkerCoordinator(strategy)
+        _COORDINATORS[strategy] = coordinator
+    return coordinator if coordinator.world_size > 1 else None
+
+
 def check_flags(**flags: object) -> None:
     """Keras' bool arguments: a bool, or an int as Keras code sometimes passes; nothing else.
 

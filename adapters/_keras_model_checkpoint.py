@@ -18,6 +18,7 @@ from ._keras_base import (
     Direction,
     MonitorCallback,
     check_flags,
+    job_coordinator,
     keras_worded,
     next_step,
     print_msg,
@@ -333,6 +334,7 @@ class ModelCheckpoint(MonitorCallback):
     def _open(self) -> ckptmgr.CheckpointManager:
         if self._manager is None:
             direction = self.decide_direction(required=self.save_best_only)
+            coordinator = job_coordinator(self.model)
             manager = ckptmgr.CheckpointManager(
                 self.directory,
                 keep=self.keep,
@@ -342,7 +344,10 @@ class ModelCheckpoint(MonitorCallback):
                 baseline=self.initial_value_threshold,
                 # The engine decides what is saved: its OnImprovement policy, its MetricTracker.
                 best_only=self.save_best_only,
-                async_save=self.async_save,
+                # Several workers (MultiWorkerMirroredStrategy): the chief writes the
+                # file, in the foreground, once every worker agreed to save it.
+                async_save=self.async_save and coordinator is None,
+                coordinator=coordinator,
             )
             tracker = manager.tracker
             if tracker is not None and tracker.best is None and self._best_seen is not None and self.save_best_only:

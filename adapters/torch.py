@@ -24,18 +24,29 @@ Example:
 
 On the way back every NumPy array becomes a tensor (on ``device``, CPU by default:
 ``load_state_dict`` moves the values where the parameters live).
+
+:class:`TorchCoordinator` lets the ranks of a ``torchrun`` job share one checkpoint
+manager (``CheckpointManager(directory, coordinator=TorchCoordinator())``).
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import importlib
-from collections.abc import Mapping
-from typing import Any
+import math
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["from_numpy", "from_tree", "load_tree", "to_numpy", "to_tree"]
+from ckptmgr.coordinator import decode_message, encode_message
+from ckptmgr.errors import CoordinatorError
+
+__all__ = ["TorchCoordinator", "from_numpy", "from_tree", "load_tree", "to_numpy", "to_tree"]
+
+_T = TypeVar("_T")
 
 # Reserved keys in encoded dicts. A dict whose keys are not all str (an optimizer's
 # per-parameter ``state``) becomes {_ITEMS: [(key, value), ...]}; a state_dict's
@@ -303,3 +314,259 @@ def _load(obj: Any, tree: Any, where: tuple[Any, ...]) -> None:
         f"Expected a tensor, a container, or an object with load_state_dict() at {_path(where)}. "
         f"Received: {type(obj).__module__}.{type(obj).__qualname__} (it cannot be loaded in place)"
     )
+
+
+# ------------------------------------------------------------------------- coordinator
+
+
+class TorchCoordinator:
+    """The :class:`ckptmgr.coordinator.Coordinator` protocol over ``torch.distributed``.
+
+    Lets the processes of a ``torchrun`` job share one
+    :class:`ckptmgr.CheckpointManager` (``coordinator=TorchCoordinator()``). Messages
+    are small JSON values, sent as their JSON text in ``uint8`` CPU tensors (never
+    pickled: ``broadcast_object_list`` and ``all_gather_object`` are not used), over a
+    gloo process group of the coordinator's own, made with ``torch.distributed.new_group``
+    at construction. So it works in NCCL jobs too (its messages stay on the CPU), its
+    ``timeout`` applies whatever the default group's is, and its collectives never mix
+    with the training's.
+
+    The constructor is itself a collective: every rank of the job calls it at the same
+    point of its program, with the same ``group`` (``new_group`` requires every process
+    of the job, even those outside ``group``; a rank outside ``group`` passes what
+    ``new_group`` returned there, and gets :class:`ValueError` after its part). Then
+    every rank of the group calls ``barrier``, ``broadcast`` and ``all_gather`` in the
+    same order; at most one of them runs at a time in a process (calls from several
+    threads are serialised).
+
+    A collective that fails (a peer exited, or stalled past ``timeout``) raises
+    :class:`ckptmgr.CoordinatorError` naming the operation, the rank, the world size and
+    the timeout, chained from torch's error; the coordinator is then broken, and every
+    later call raises :class:`ckptmgr.CoordinatorError` at once. A rank that raises
+    before its collective (a ``value`` that is not JSON) leaves the others waiting
+    until their timeout.
+
+    Example, in a script started with ``torchrun --nproc_per_node=2 train.py``::
+
+        import socket
+        import torch.distributed as dist
+        import ckptmgr
+        from ckptmgr.adapters.torch import TorchCoordinator
+
+        dist.init_process_group("nccl")  # or "gloo": the coordinator talks over gloo anyway
+        coordinator = TorchCoordinator(timeout=120)  # every rank, at the same point
+        plan = coordinator.broadcast({"resume": 1200} if coordinator.rank == 0 else None)
+        hosts = coordinator.all_gather(socket.gethostname())  # indexed by rank
+        coordinator.barrier()
+        with ckptmgr.CheckpointManager("/shared/ckpt", coordinator=coordinator) as manager:
+            ...  # every rank calls save() and restore() at the same points
+        dist.destroy_process_group()  # all groups, the coordinator's included
+
+    Call ``torch.distributed.destroy_process_group()`` before the script ends: a process
+    that exits with gloo groups alive may abort in their destructors ("terminate called
+    without an active exception", pytorch/pytorch#190489).
+
+    Args:
+        group: the ranks to coordinate, as a ``torch.distributed`` process group (its
+            ranks, in its order: ``rank`` here is the rank in ``group``). None: every
+            rank of the job.
+        timeout: seconds (or a ``datetime.timedelta``) a collective waits for the other
+            ranks before raising; also bounds the wait in the constructor.
+
+    Raises:
+        ValueError: ``torch.distributed`` is not initialized (call
+            ``torch.distributed.init_process_group`` first), ``timeout`` is not a number
+            of seconds > 0, ``group`` is not a process group, or this rank is outside
+            ``group``.
+        CoordinatorError: creating the coordinator's group failed (a peer did not
+            construct its coordinator within ``timeout``).
+    """
+
+    def __init__(self, group: Any = None, *, timeout: float | datetime.timedelta = 300.0) -> None:
+        seconds = _timeout_seconds(timeout)
+        dist = _distributed()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "Expected torch.distributed to be initialized: call torch.distributed.init_process_group() "
+                "first (e.g. in a script started by torchrun). Received: no default process group"
+            )
+        job_rank, job_size = int(dist.get_rank()), int(dist.get_world_size())
+        outside = group is dist.GroupMember.NON_GROUP_MEMBER
+        ranks: list[int] | None
+        if group is None:
+            ranks = None
+        elif outside:
+            # new_group must still be entered here, so that every rank of the job
+            # numbers its groups alike. A non-member's call does the same whatever the
+            # members are (new_group takes [] for the default group: pass the others).
+            ranks = [r for r in range(job_size) if r != job_rank]
+        elif isinstance(group, dist.ProcessGroup):
+            ranks = [int(r) for r in dist.get_process_group_ranks(group)]
+        else:
+            raise ValueError(
+                "Expected group to be a torch.distributed process group or None. "
+                f"Received: {type(group).__module__}.{type(group).__qualname__}"
+            )
+        options: dict[str, Any] = {}
+        if ranks and ranks != sorted(ranks):
+            options["sort_ranks"] = False  # keep the group's rank order, so rank means the same
+        try:
+            own = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=seconds), **options
+            )
+        except Exception as exc:
+            raise CoordinatorError(
+                f"TorchCoordinator: creating its gloo group failed on rank {job_rank} of the job's "
+                f"{job_size} (timeout {seconds:g} s): {_describe(exc)}. Every rank must construct its "
+                "coordinator at the same point"
+            ) from exc
+        if outside or own is dist.GroupMember.NON_GROUP_MEMBER or own is None:
+            raise ValueError(
+                f"Expected this process to be a member of group. Received: rank {job_rank} of the job, "
+                "outside the group (torch.distributed.new_group returned GroupMember.NON_GROUP_MEMBER here)"
+            )
+        self._torch = _torch()
+        self._dist = dist
+        self._group = own
+        self._ranks = [int(r) for r in dist.get_process_group_ranks(own)]
+        self._rank = int(dist.get_rank(own))
+        self._world_size = int(dist.get_world_size(own))
+        self._timeout = seconds
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the coordinator's group, in ``range(world_size)``."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes in the coordinator's group."""
+        return self._world_size
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a collective waits for the other ranks before raising."""
+        return self._timeout
+
+    @property
+    def process_group(self) -> Any:
+        """The coordinator's own gloo process group (for inspection; send nothing on it)."""
+        return self._group
+
+    def __repr__(self) -> str:
+        state = ", broken" if self._broken is not None else ""
+        return f"TorchCoordinator(rank={self._rank}, world_size={self._world_size}, timeout={self._timeout:g}{state})"
+
+    def barrier(self) -> None:
+        """Return once every rank has called it.
+
+        Raises:
+            CoordinatorError: a peer exited or stalled past ``timeout``, or the
+                coordinator is broken by an earlier failure.
+        """
+        self._collective("barrier", lambda: self._dist.barrier(group=self._group))
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``value``, on every rank (the others pass anything, e.g. None).
+
+        Every rank gets the value as JSON gives it back (tuples become lists, dict keys
+        str), rank ``src`` included.
+
+        Raises:
+            TypeError: on rank ``src``, ``value`` is not a JSON value (raised before
+                anything is sent; the other ranks then wait until their timeout).
+            ValueError: ``src`` is not a rank in ``range(world_size)``.
+            CoordinatorError: a peer exited or stalled past ``timeout``, a malformed
+                message, or the coordinator is broken by an earlier failure.
+        """
+        if type(src) is not int or not 0 <= src < self._world_size:
+            raise ValueError(f"Expected src to be a rank in range({self._world_size}). Received: src={src!r}")
+        blob = encode_message(value) if src == self._rank else b""
+        torch, dist, group, source = self._torch, self._dist, self._group, self._ranks[src]
+
+        def exchange() -> Any:
+            length = torch.tensor([len(blob)], dtype=torch.int64)
+            dist.broadcast(length, src=source, group=group)
+            if src == self._rank:
+                data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            else:
+                data = torch.empty(int(length.item()), dtype=torch.uint8)
+            dist.broadcast(data, src=source, group=group)
+            return decode_message(data.numpy().tobytes())
+
+        return self._collective("broadcast", exchange)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, indexed by rank, on every rank (as JSON gives them back).
+
+        Raises:
+            TypeError: ``value`` is not a JSON value (raised before anything is sent;
+                the other ranks then wait until their timeout).
+            CoordinatorError: a peer exited or stalled past ``timeout``, a malformed
+                message, or the coordinator is broken by an earlier failure.
+        """
+        blob = encode_message(value)
+        torch, dist, group, size = self._torch, self._dist, self._group, self._world_size
+
+        def exchange() -> list[Any]:
+            # Tensors of one all_gather have one shape: gather the lengths, then the
+            # messages padded to the longest.
+            lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+            dist.all_gather(lengths, torch.tensor([len(blob)], dtype=torch.int64), group=group)
+            sizes = [int(length.item()) for length in lengths]
+            longest = max(sizes)
+            padded = torch.frombuffer(bytearray(blob) + bytes(longest - len(blob)), dtype=torch.uint8)
+            gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
+            dist.all_gather(gathered, padded, group=group)
+            return [decode_message(data[:n].numpy().tobytes()) for data, n in zip(gathered, sizes, strict=True)]
+
+        return self._collective("all_gather", exchange)
+
+    def _collective(self, what: str, exchange: Callable[[], _T]) -> _T:
+        where = f"rank {self._rank} of {self._world_size} (timeout {self._timeout:g} s)"
+        with self._lock:
+            if self._broken is not None:
+                raise CoordinatorError(
+                    f"TorchCoordinator {what} on {where}: the coordinator is broken by an earlier failure "
+                    f"({self._broken}); a job whose peer failed cannot continue"
+                )
+            try:
+                return exchange()
+            except Exception as exc:
+                self._broken = f"{what}: {_describe(exc)}"
+                raise CoordinatorError(
+                    f"TorchCoordinator {what} failed on {where}: {_describe(exc)}. A peer process exited, "
+                    "stalled past the timeout or sent something else; this coordinator is now broken"
+                ) from exc
+            except BaseException as exc:  # e.g. KeyboardInterrupt mid-collective: out of step
+                self._broken = f"{what}: interrupted by {type(exc).__name__}"
+                raise
+
+
+def _distributed() -> Any:
+    return importlib.import_module("torch.distributed")
+
+
+def _timeout_seconds(timeout: Any) -> float:
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"Expected timeout to be a finite number of seconds > 0 or a datetime.timedelta. Received: timeout={timeout!r}"
+        )
+    return seconds
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` in one line, without the C++ source location gloo puts in front."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    text = text.split(". This is typically caused by", 1)[0]  # gloo's boilerplate advice
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -195,7 +195,7 @@ def test_parts_without_a_commit_record_are_removed_when_rank_zero_opens(tmp_path
 
 def flip_byte_in_array(path: Path) -> None:
     """Damage the array data of a part (its biggest leaf)."""
-    from tests._reliability import leaf_offset
+    from _reliability import leaf_offset
 
     offset = leaf_offset(path, "/state/w")
     with open(path, "r+b") as f:
