@@ -119,6 +119,10 @@ class CheckpointDirectory:
     ) -> CheckpointInfo:
         metrics = meta.get("metrics")
         path = self.path / name
+        try:
+            parts = tuple(self.path / part for part in part_names(meta, str(path)))
+        except CorruptCheckpointError:
+            parts = ()
         return CheckpointInfo(
             step=int(meta["step"]),
             path=path,
@@ -129,6 +133,7 @@ class CheckpointDirectory:
             kind="payload" if sidecar is not None else "tree",
             metadata_path=path if sidecar is None else self.path / sidecar,
             corrupt=corrupt,
+            parts=parts,
         )
 
     def read_records(self) -> dict[int, Record]:

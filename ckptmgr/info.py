@@ -156,6 +156,9 @@ class CheckpointInfo:
             step's commit marker (an :class:`ObjectURL`).
         corrupt: why it does not verify, when its metadata already showed that (None
             otherwise; data checksums are checked by ``restore`` and ``verify``).
+        parts: for a checkpoint saved by several processes with ``sharded=True``, each
+            rank's part file, by rank (``path`` is then the commit record, written last,
+            that names them); ``()`` for a checkpoint in one file.
     """
 
     step: int
@@ -167,6 +170,7 @@ class CheckpointInfo:
     kind: Literal["tree", "payload"] = "tree"
     metadata_path: Path | ObjectURL | None = None
     corrupt: str | None = None
+    parts: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         # A private copy: changing the caller's dict must not change the record.

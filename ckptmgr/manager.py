@@ -853,11 +853,13 @@ def _info_message(info: CheckpointInfo) -> dict[str, Any]:
     """What rank 0 tells the other ranks of a checkpoint it committed (JSON)."""
     return {"step": info.step, "metrics": dict(info.metrics), "time": info.time, "nbytes": info.nbytes,
             "kind": info.kind, "reasons": [[str(r), r.kind, r.detail] for r in info.keep_reasons],
-            "metadata": None if info.metadata_path is None else Path(info.metadata_path).name}
+            "metadata": None if info.metadata_path is None else Path(info.metadata_path).name,
+            "parts": [p.name for p in info.parts]}
 
 
 def _info_from_message(message: dict[str, Any], path: Path | ObjectURL) -> CheckpointInfo:
     reasons = tuple(KeepReason(text, kind, detail) for text, kind, detail in message["reasons"])
     return CheckpointInfo(message["step"], path, message["metrics"], message["time"], message["nbytes"],
                           keep_reasons=reasons, kind=message["kind"],
-                          metadata_path=None if message["metadata"] is None else Path(path).parent / message["metadata"])
+                          metadata_path=None if message["metadata"] is None else Path(path).parent / message["metadata"],
+                          parts=tuple(Path(path).parent / name for name in message["parts"]))

@@ -404,3 +404,27 @@ def test_a_file_payload_is_written_by_rank_zero_alone(tmp_path: Path) -> None:
     assert results[0][0] == results[1][0] and results[0][0].kind == "payload"
     for _, path in results:
         assert Path(path).read_bytes() == b"written by rank 0"
+
+
+def test_the_cli_lists_shows_and_verifies_a_sharded_directory(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    no_errors(run_ranks(2, lambda c: [ckptmgr.CheckpointManager(tmp_path, coordinator=c, sharded=True).save(
+        s, shard(c.rank, s)) for s in (1, 2)]))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ckptmgr", *args, str(tmp_path)], capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    listed = json.loads(cli("ls", "--json").stdout)
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.name.startswith("ckpt-")}
+    entry = next(e for e in listed["checkpoints"] if e["step"] == 2)
+    assert len(entry["parts"]) == 2
+    assert entry["file_bytes"] == sum(v for k, v in sizes.items() if k.startswith(storage.checkpoint_name(2)[:-3]))
+    assert "sharded across 2 ranks" in cli("show").stdout
+    assert cli("verify").returncode == 0
+    flip_byte_in_array(tmp_path / next(n for n in part_files(tmp_path) if storage.parse_part_name(n)[:2] == (2, 0)))
+    damaged = cli("verify")
+    assert damaged.returncode != 0 and "rank-00000-of-00002" in damaged.stdout + damaged.stderr

@@ -199,6 +199,12 @@ def _open_reader(directory: str) -> CheckpointManager:
     return mgr
 
 
+def _disk_size(info: CheckpointInfo) -> int | None:
+    """A checkpoint's bytes on disk: its file, and the parts of a sharded one."""
+    sizes = [_file_size(p) for p in (info.path, *info.parts)]
+    return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+
 def _file_size(path: Path | str) -> int | None:
     """A local file's size; None when unknown (gone, or an object store's URL)."""
     if isinstance(path, str) and "://" in path:
@@ -242,7 +248,8 @@ def _describe(info: CheckpointInfo, latest: int | None, best: int | None) -> dic
         "kind": "native" if info.kind == "tree" else "payload",
         "time": info.time,
         "time_local": _iso_time(info.time),
-        "file_bytes": _file_size(info.path),
+        "file_bytes": _disk_size(info),
+        "parts": [str(p) for p in info.parts],
         "nbytes": info.nbytes,
         "metrics": dict(info.metrics),
         "keep_reasons": list(info.keep_reasons),

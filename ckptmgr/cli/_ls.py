@@ -10,7 +10,7 @@ from ckptmgr import CheckpointManager
 from ._common import (
     EXIT_OK,
     _describe,
-    _file_size,
+    _disk_size,
     _human_bytes,
     _latest_and_best,
     _local_time,
@@ -62,14 +62,14 @@ def _ls_print(mgr: CheckpointManager) -> None:
         return
     latest, best = _latest_and_best(mgr)
     rows = [
-        [str(c.step), _marks(c, latest, best), _local_time(c.time), _human_bytes(_file_size(c.path)),
+        [str(c.step), _marks(c, latest, best), _local_time(c.time), _human_bytes(_disk_size(c)),
          _metrics_text(c.metrics), ", ".join(r for r in c.keep_reasons if r.kind != "corrupt")
          + (f" (corrupt: {c.corrupt})" if c.corrupt is not None else "")]
         for c in infos
     ]
     for line in _table(["STEP", "MARK", "SAVED", "SIZE", "METRICS", "KEEP"], rows, right={0, 3}):
         print(line)
-    total = sum(_file_size(c.path) or 0 for c in infos)
+    total = sum(_disk_size(c) or 0 for c in infos)
     tracker = mgr.tracker
     monitored = f"; best by {tracker.monitor} ({tracker.mode})" if tracker else ""
     print(f"{len(infos)} checkpoint{'s' * (len(infos) != 1)}, {_human_bytes(total)}{monitored}")

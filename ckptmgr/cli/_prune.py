@@ -24,7 +24,7 @@ from ._common import (
     EXIT_OK,
     EXIT_USAGE,
     CliError,
-    _file_size,
+    _disk_size,
     _human_bytes,
     _open_reader,
     _print_json,
@@ -91,7 +91,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     mgr = _open_pruner(reader.directory, policy, tracker, read_only=args.dry_run)
     try:
         before = {c.step: c for c in mgr.checkpoints}
-        sizes = {step: _file_size(c.path) for step, c in before.items()}
+        sizes = {step: _disk_size(c) for step, c in before.items()}
         with warnings.catch_warnings():
             # A file that cannot be deleted is reported below, from its keep reason.
             warnings.simplefilter("ignore", CheckpointWarning)

@@ -48,11 +48,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if leaves is None:
         fields.append(("metadata", f"{info.metadata_path}  "
                                    f"({meta.get('size')} bytes, crc32 {meta.get('crc32')})"))
+    if info.parts:
+        fields.append(("parts", f"sharded across {len(info.parts)} ranks, one file each (restore(step, rank=k)): "
+                                + ", ".join(p.name for p in info.parts)))
     fields.append(("format", f"{meta.get('format')}, checksums {meta.get('checksum')}"))
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name.ljust(width)}  {value}")
-    if leaves is not None:
+    if leaves is not None and not info.parts:
         print()
         assert description.leaves is not None
         rows = [[c._key_text(leaf.key_path), leaf.kind, leaf.dtype, c._shape_text(list(leaf.shape)), str(leaf.nbytes)]

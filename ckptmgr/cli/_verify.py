@@ -18,7 +18,7 @@ from ckptmgr import (
 from ._common import (
     EXIT_FAILURE,
     EXIT_OK,
-    _file_size,
+    _disk_size,
     _human_bytes,
     _one_line,
     _open_reader,
@@ -79,7 +79,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         progress.update(done, info.path.name)
         status, error = _verify_one(mgr, info)
         results.append({"step": info.step, "path": str(info.path), "status": status, "error": error,
-                        "file_bytes": _file_size(info.path)})
+                        "file_bytes": _disk_size(info)})
         if not args.json and (status != "ok" or not args.quiet):
             progress.clear()
             label = {"ok": "ok", "corrupt": "CORRUPT", "error": "ERROR", "gone": "gone"}[status]
