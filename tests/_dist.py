@@ -138,11 +138,14 @@ def run_torchrun(
     env: Mapping[str, str | None] | None = None,
     extra_torchrun_args: Sequence[str] = (),
     workdir: str | os.PathLike[str] | None = None,
+    results_arg: bool = True,
 ) -> TorchrunResult:
     """Run ``script`` under torchrun with ``nproc`` ranks, for at most ``timeout`` seconds.
 
     The job's files (results, per-rank logs, torchrun's output) go to a new directory
-    in ``workdir`` (a test's ``tmp_path``; default: the system's temporary directory). ``env`` adds to this process's environment (a None value
+    in ``workdir`` (a test's ``tmp_path``; default: the system's temporary directory).
+    ``results_arg=False``: the script gets only ``args`` (a script of the project's own,
+    such as an example, that reports nothing). ``env`` adds to this process's environment (a None value
     removes a variable). The exit status is not checked: call :meth:`TorchrunResult.check`.
 
     Raises:
@@ -156,7 +159,7 @@ def run_torchrun(
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         *extra_torchrun_args, "--log-dir", str(log_dir), "--tee", "3",
-        str(script), str(results_dir), *args,
+        str(script), *([str(results_dir)] if results_arg else []), *args,
     ]  # fmt: skip
     marker = uuid.uuid4().hex
     child_env = _job_env(env, marker)

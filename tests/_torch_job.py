@@ -3,8 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_torch_job.py RESULTS MODE CKPT_DIR
 
 (started by ``tests/_dist.run_torchrun``). Each rank reports what it saw as ``rank<rank>``
-(``_dist.report``); the test asserts on it. Files the job itself needs (a marker that it
-killed itself once) go in RESULTS/../job.
+(``_dist.report``); the test asserts on it.
 Modes:
 
 - ``roundtrip``: sharded and replicated saves, restored bit-exact in a second manager;
@@ -14,9 +13,8 @@ Modes:
 - ``resume``: restore the latest sharded step on every rank and report it.
 - ``exit-early`` / ``stall``: rank 1 leaves (exit 0) or sleeps past the timeout before
   the second save; rank 0 reports what it raised and how long it took.
-- ``train``: a DDP model trained with TrainingLoop (replicated checkpoints every few
-  steps); with ``DIE_AT`` set, rank 1 SIGKILLs itself once at that step (a marker file
-  makes the restarted attempt run through). The final weights are reported.
+
+(A DDP training killed and restarted by torchrun is examples/torch_ddp.py's test.)
 """
 
 from __future__ import annotations
@@ -32,13 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from _dist import report
 
 import ckptmgr
 from ckptmgr.adapters import torch as ckpt_torch
-from ckptmgr.adapters.loop import TrainingLoop
 
 TIMEOUT = float(os.environ.get("COORD_TIMEOUT", "60"))
 MIB = float(os.environ.get("SHARD_MIB", "32"))  # per rank, in save-big and resume
@@ -90,8 +86,6 @@ def kill_self_while_writing(directory: Path, min_bytes: int) -> None:
 
 def main() -> None:
     results, mode, ckpt_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    out_dir = Path(results).parent / "job"
-    out_dir.mkdir(exist_ok=True)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     c = ckpt_torch.TorchCoordinator(timeout=TIMEOUT)
     rank = c.rank
@@ -156,41 +150,8 @@ def main() -> None:
         out["checkpoints"] = [i.step for i in ckptmgr.CheckpointManager(ckpt_dir, read_only=True).checkpoints]
         report(results, f"rank{rank}", out)
         os._exit(0)
-    elif mode == "train":
-        out["attempt"] = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        train(c, ckpt_dir, out_dir, out)
     report(results, f"rank{rank}", out)
     dist.destroy_process_group()
-
-
-def train(c: ckpt_torch.TorchCoordinator, ckpt_dir: Path, out_dir: Path, out: dict[str, Any]) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.Adam(ddp.parameters(), lr=0.01)
-    die_at = int(os.environ.get("DIE_AT", "0"))
-    marker = out_dir / "died-once"
-    mgr = ckptmgr.CheckpointManager(ckpt_dir, coordinator=c, save_every=ckptmgr.EverySteps(5),
-                                    keep=ckptmgr.KeepLast(2))
-    with mgr, TrainingLoop(mgr) as loop:
-        step, tree = loop.resume()
-        if tree is not None:
-            ckpt_torch.load_tree({"model": model, "opt": opt}, tree)
-        out["resumed_from"] = step
-        while step < 30:
-            step += 1
-            data = torch.Generator().manual_seed(step * 10 + c.rank)
-            x = torch.randn(32, 8, generator=data)
-            y = x.sum(dim=1, keepdim=True).sin()
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-            if c.rank == 1 and step == die_at and not marker.exists():
-                marker.write_text("x")
-                os.kill(os.getpid(), signal.SIGKILL)
-            loop.step_done(step, lambda: ckpt_torch.to_tree({"model": model, "opt": opt}))
-    out["final"] = digest(ckpt_torch.to_tree({"model": model, "opt": opt}))
-    out["checkpoints"] = [i.step for i in ckptmgr.CheckpointManager(ckpt_dir, read_only=True).checkpoints]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ directory is then also read from this process, without a coordinator.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +101,6 @@ def test_a_rank_killed_mid_save_leaves_the_last_step_both_committed(tmp_path: Pa
     assert {storage.parse_part_name(n)[0] for n in storage.part_files(ckpt)} == {1}
 
 
-def test_a_job_restarted_by_torchrun_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    restart = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "COORD_TIMEOUT": "20"}
-    interrupted = run_torchrun(JOB, ["train", str(tmp_path / "a")], env={**restart, "DIE_AT": "13"},
-                               extra_torchrun_args=("--max-restarts=1",), timeout=240, workdir=tmp_path).check()
-    uninterrupted = run_torchrun(JOB, ["train", str(tmp_path / "b")], env=restart, timeout=240, workdir=tmp_path).check()
-    for report in ranks(interrupted):
-        assert report["attempt"] == 1 and report["resumed_from"] == 10  # the last save before step 13
-    for report in ranks(uninterrupted):
-        assert report["attempt"] == 0 and report["resumed_from"] == 0
-    finals = {r["final"] for r in ranks(interrupted) + ranks(uninterrupted)}
-    assert len(finals) == 1  # same weights and optimizer state, bit for bit
-    assert ranks(interrupted)[0]["checkpoints"] == [25, 30]
-
-
 @pytest.mark.parametrize("mode", ["exit-early", "stall"])
 def test_a_rank_that_leaves_or_stalls_before_saving_makes_the_other_raise_in_time(tmp_path: Path, mode: str) -> None:
     timeout = 3.0
@@ -124,3 +114,53 @@ def test_a_rank_that_leaves_or_stalls_before_saving_makes_the_other_raise_in_tim
     else:
         assert rank0["elapsed"] < timeout + 10
     assert rank0["checkpoints"] == [1]  # nothing of step 2 became visible
+
+
+def _kill_rank_once(directory: Path, after_step: int, stop: threading.Event) -> list[int]:
+    """SIGKILL local rank 1 of the job training into ``directory`` once a checkpoint of
+    ``after_step`` or later is committed there (the first attempt only)."""
+    killed: list[int] = []
+    needle = str(directory).encode()
+    while not stop.is_set() and not killed:
+        steps = [storage.parse_name(p.name) for p in directory.glob("ckpt-*.h5")] if directory.is_dir() else []
+        if any(s is not None and s >= after_step for s in steps):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if (needle in cmdline and b"torch_ddp.py" in cmdline and b"LOCAL_RANK=1" in environ
+                        and b"TORCHELASTIC_RESTART_COUNT=0" in environ):
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed.append(int(entry))
+        stop.wait(0.01)
+    return killed
+
+
+def test_the_ddp_example_killed_by_sigkill_and_restarted_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    example = TESTS.parent / "examples" / "torch_ddp.py"
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    args = ["--steps", "150", "--save-every", "10", "--timeout", "20"]
+    stop = threading.Event()
+    killed: list[list[int]] = []
+    killer = threading.Thread(target=lambda: killed.append(_kill_rank_once(tmp_path / "a", 60, stop)))
+    killer.start()
+    try:
+        interrupted = run_torchrun(example, [str(tmp_path / "a"), *args], env=env,
+                                   extra_torchrun_args=("--max-restarts=1",), timeout=240, workdir=tmp_path,
+                                   results_arg=False)
+    finally:
+        stop.set()
+        killer.join(10)
+    assert killed and killed[0], "rank 1 was never killed"
+    interrupted.check()
+    uninterrupted = run_torchrun(example, [str(tmp_path / "b"), *args], env=env, timeout=240,
+                                 workdir=tmp_path, results_arg=False).check()
+    second = interrupted.output(0, attempt=1)
+    resumed = re.search(r"resumed at step (\d+)", second)
+    assert resumed is not None and int(resumed[1]) >= 60 and int(resumed[1]) % 10 == 0, interrupted.describe()
+    done = re.findall(r"done: step 150, loss \S+, weights (\w+)", second + uninterrupted.output(0))
+    assert len(done) == 2 and done[0] == done[1], interrupted.describe()
