@@ -425,7 +425,9 @@ class CheckpointManager(CheckpointReader):
                 else:
                     try:
                         record = directory.commit_parts(step, lead["token"], reports, meta)
-                        outcome = {"info": _info_message(self._committed(record))}
+                        # Retention's deletions (n parts per step) wait until the other
+                        # ranks have their answer: they need not wait for them.
+                        outcome = {"info": _info_message(self._committed(record, delete=False))}
                     except CheckpointError as exc:
                         own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
                 if "error" in outcome:
@@ -449,6 +451,9 @@ class CheckpointManager(CheckpointReader):
             raise CoordinatorError(f"rank {c.rank}: the save of step {step} failed, nothing was committed: "
                                    f"{outcome['error']}")
         if leader:
+            if self._sharded:
+                with self._mutex:
+                    self._apply_retention()
             return self._records[step].info
         path = (Path(self._directory) / state.name if isinstance(state, FilePayload)
                 else self._dir.tree_path(step))
@@ -506,8 +511,9 @@ class CheckpointManager(CheckpointReader):
     def _commit_payload(self, name: str, tmp: Path, meta: dict[str, Any]) -> CheckpointInfo:
         return self._committed(self._dir.commit_payload(name, tmp, meta))
 
-    def _committed(self, record: _Record) -> CheckpointInfo:
-        """Take a just-committed checkpoint into the records, then run retention."""
+    def _committed(self, record: _Record, *, delete: bool = True) -> CheckpointInfo:
+        """Take a just-committed checkpoint into the records, then run retention
+        (``delete=False``: label only; what goes is deleted by the next retention)."""
         step = record.info.step
         with self._mutex:
             same_file = self._catalog.step_of_file(record.info.path.name)
@@ -518,7 +524,7 @@ class CheckpointManager(CheckpointReader):
             kept = set(record.files)
             stale = [f for old in replaced for f in old.files if f not in kept]
             self._dir.delete(stale)
-            self._apply_retention(just_saved=step)
+            self._apply_retention(just_saved=step, delete=delete)
             self._dir.saved(self._records)
             return self._records[step].info
 
