@@ -11,6 +11,7 @@ Modes:
 - ``save-big``: sharded saves of a large state per rank, steps 1, 2, ...; rank 1 SIGKILLs
   itself while writing its part of step ``KILL_AT`` (env).
 - ``resume``: restore the latest sharded step on every rank and report it.
+- ``preempt``: a TrainingLoop where only rank 1 gets SIGTERM (at step 7).
 - ``exit-early`` / ``stall``: rank 1 leaves (exit 0) or sleeps past the timeout before
   the second save; rank 0 reports what it raised and how long it took.
 
@@ -35,6 +36,7 @@ from _dist import report
 
 import ckptmgr
 from ckptmgr.adapters import torch as ckpt_torch
+from ckptmgr.adapters.loop import TrainingLoop
 
 TIMEOUT = float(os.environ.get("COORD_TIMEOUT", "60"))
 MIB = float(os.environ.get("SHARD_MIB", "32"))  # per rank, in save-big and resume
@@ -128,6 +130,19 @@ def main() -> None:
             out["step"] = state["step"]
             out["ok"] = digest(state) == digest(shard(rank, state["step"], MIB))
             out["checkpoints"] = [i.step for i in mgr.checkpoints]
+    elif mode == "preempt":
+        # SIGTERM reaches rank 1 only, at step 7: both ranks save step 7 and stop.
+        mgr = ckptmgr.CheckpointManager(ckpt_dir, coordinator=c, sharded=True, save_every=ckptmgr.EverySteps(5))
+        with mgr, TrainingLoop(mgr, exit_code=None) as loop:
+            step, _ = loop.resume()
+            while step < 20 and not loop.preempted:
+                step += 1
+                if rank == 1 and step == 7:
+                    signal.raise_signal(signal.SIGTERM)
+                loop.step_done(step, lambda s=step: shard(rank, s))
+            out["stopped_at"] = step
+            out["signal"] = None if loop.received_signal is None else loop.received_signal.name
+        out["checkpoints"] = [i.step for i in ckptmgr.CheckpointManager(ckpt_dir, read_only=True).checkpoints]
     elif mode in ("exit-early", "stall"):
         mgr = ckptmgr.CheckpointManager(ckpt_dir, coordinator=c, sharded=True)
         mgr.save(1, shard(rank, 1))

@@ -101,6 +101,16 @@ def test_a_rank_killed_mid_save_leaves_the_last_step_both_committed(tmp_path: Pa
     assert {storage.parse_part_name(n)[0] for n in storage.part_files(ckpt)} == {1}
 
 
+def test_sigterm_at_one_rank_makes_every_rank_save_the_same_step_and_stop(tmp_path: Path) -> None:
+    result = run_torchrun(JOB, ["preempt", str(tmp_path / "ckpt")], timeout=90, workdir=tmp_path).check()
+    rank0, rank1 = ranks(result)
+    assert rank0["stopped_at"] == rank1["stopped_at"] == 7
+    assert rank1["signal"] == "SIGTERM" and rank0["signal"] is None
+    assert rank0["checkpoints"] == [5, 7]
+    reader = ckptmgr.CheckpointManager(tmp_path / "ckpt", read_only=True)
+    assert [reader.restore(7, rank=k)["state"]["rank"] for k in (0, 1)] == [0, 1]
+
+
 @pytest.mark.parametrize("mode", ["exit-early", "stall"])
 def test_a_rank_that_leaves_or_stalls_before_saving_makes_the_other_raise_in_time(tmp_path: Path, mode: str) -> None:
     timeout = 3.0
