@@ -115,10 +115,11 @@ def check_coordination(
             "process can open the directory read-only and restore(step, rank=k)). "
             "Received: read_only=True with a coordinator"
         )
-    if isinstance(directory, str) and "://" in directory:
+    if sharded and isinstance(directory, str) and "://" in directory:
         raise ValueError(
-            "Expected a local (or shared file system) directory with a coordinator: several "
-            f"processes saving to object storage is not supported yet. Received: directory={directory!r}"
+            "Expected a local (or shared file system) directory with sharded=True: each rank's "
+            "part on object storage is not supported yet (sharded=False is: rank 0 uploads the "
+            f"one copy). Received: directory={directory!r}"
         )
 
 

@@ -378,7 +378,7 @@ class CheckpointManager(CheckpointReader):
                 "framework's own file is saved by rank 0 alone (sharded=False)")
         c = self._coordinator
         directory = self._dir
-        assert c is not None and isinstance(directory, CheckpointDirectory)
+        assert c is not None
         leader = c.rank == 0
         mine: dict[str, Any] = {"step": step, "force": force}
         best_before: tuple[float | None, int | None] = (None, None)
@@ -412,6 +412,7 @@ class CheckpointManager(CheckpointReader):
         own_error: BaseException | None = None
         outcome: Any = None
         if self._sharded:
+            assert isinstance(directory, CheckpointDirectory)
             try:
                 report: dict[str, Any] = directory.write_part(
                     step, c.rank, c.world_size, lead["token"], state, {"step": step, "time": meta["time"]})
@@ -455,9 +456,8 @@ class CheckpointManager(CheckpointReader):
                 with self._mutex:
                     self._apply_retention()
             return self._records[step].info
-        path = (Path(self._directory) / state.name if isinstance(state, FilePayload)
-                else self._dir.tree_path(step))
-        return _info_from_message(outcome["info"], path)
+        return _info_from_message(outcome["info"], ObjectURL if isinstance(directory, ObjectCheckpointDirectory)
+                                  else Path)
 
     def _check_step_order(self, step: int) -> None:
         """Steps only move forward: a save below the latest would be hidden by it.
@@ -859,13 +859,14 @@ def _info_message(info: CheckpointInfo) -> dict[str, Any]:
     """What rank 0 tells the other ranks of a checkpoint it committed (JSON)."""
     return {"step": info.step, "metrics": dict(info.metrics), "time": info.time, "nbytes": info.nbytes,
             "kind": info.kind, "reasons": [[str(r), r.kind, r.detail] for r in info.keep_reasons],
-            "metadata": None if info.metadata_path is None else Path(info.metadata_path).name,
-            "parts": [p.name for p in info.parts]}
+            "path": str(info.path), "metadata": None if info.metadata_path is None else str(info.metadata_path),
+            "parts": [str(p) for p in info.parts]}
 
 
-def _info_from_message(message: dict[str, Any], path: Path | ObjectURL) -> CheckpointInfo:
+def _info_from_message(message: dict[str, Any], location: type[Path] | type[ObjectURL]) -> CheckpointInfo:
+    """The info rank 0 sent (its paths are the ones every rank sees: a shared directory)."""
     reasons = tuple(KeepReason(text, kind, detail) for text, kind, detail in message["reasons"])
-    return CheckpointInfo(message["step"], path, message["metrics"], message["time"], message["nbytes"],
-                          keep_reasons=reasons, kind=message["kind"],
-                          metadata_path=None if message["metadata"] is None else Path(path).parent / message["metadata"],
-                          parts=tuple(Path(path).parent / name for name in message["parts"]))
+    return CheckpointInfo(message["step"], location(message["path"]), message["metrics"], message["time"],
+                          message["nbytes"], keep_reasons=reasons, kind=message["kind"],
+                          metadata_path=None if message["metadata"] is None else location(message["metadata"]),
+                          parts=tuple(Path(name) for name in message["parts"]))

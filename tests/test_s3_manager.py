@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ckptmgr
@@ -521,3 +522,41 @@ def test_retention_deletes_each_markers_before_its_data(s3: Any, monkeypatch: py
         marker = f"ckpt-{int(name[len('data/ckpt-'):][:9]):09d}.json"
         assert any(marker in batch for batch in batches[:i]), (name, batches)
     assert _markers(s3.names()) == ["ckpt-000000003.json"]
+
+
+# ----------------------------------------------------------------- many processes
+
+
+def test_ranks_of_a_job_save_one_replicated_copy_and_restore_it(s3: Any, tree_equal: Any) -> None:
+    """Rank 0 uploads and commits; every rank gets the same info and restores the copy."""
+    import threading
+
+    from ckptmgr.coordinator import ThreadCoordinator
+
+    out: list[Any] = [None, None]
+
+    def rank(c: ThreadCoordinator) -> None:
+        try:
+            with ckptmgr.CheckpointManager(s3.url, storage_options=s3.options, coordinator=c,
+                                           keep=ckptmgr.KeepLast(1)) as mgr:
+                infos = [mgr.save(s, {"w": np.full(4, float(s)), "rank": c.rank}) for s in (1, 2)]
+                out[c.rank] = (infos, mgr.restore(), [i.step for i in mgr.checkpoints])
+        except BaseException as exc:  # the test inspects it
+            out[c.rank] = exc
+
+    threads = [threading.Thread(target=rank, args=(c,)) for c in ThreadCoordinator.group(2, timeout=60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for result in out:
+        assert not isinstance(result, BaseException), result
+        infos, state, steps = result
+        assert infos == out[0][0] and isinstance(infos[1].path, ckptmgr.ObjectURL)
+        tree_equal(state, {"w": np.full(4, 2.0), "rank": 0})  # rank 0's copy
+        assert steps == [2]
+    assert _markers(s3.names()) == ["ckpt-000000002.json"] and len(_data(s3.names())) == 1
+    with pytest.raises(ValueError, match="sharded=True"):
+        ckptmgr.CheckpointManager(s3.url, storage_options=s3.options,
+                                  coordinator=ThreadCoordinator.group(1)[0], sharded=True)
