@@ -57,7 +57,8 @@ def main() -> None:
         optimizer.build(model.trainable_variables)
     out: dict[str, Any] = {"task": task}
     if mode == "loop":
-        coordinator = ckpt_tf.MultiWorkerCoordinator(strategy, timeout=20)
+        # Short: after worker 1 is killed, the chief waits this long in the next save.
+        coordinator = ckpt_tf.MultiWorkerCoordinator(strategy, timeout=8)
 
         @tf.function  # type: ignore[misc]
         def train_step(x: Any, y: Any) -> Any:

@@ -291,7 +291,9 @@ def test_a_stalled_peer_makes_both_sides_raise_coordinator_error(tmp_path: Path)
     ("how", "dies", "heartbeat"),
     [
         ("exit", 1, 100),  # a clean exit waits in JAX's shutdown barrier: a stalled peer
-        ("kill", 1, 8),  # SIGKILL: unnoticed until our timeout (3 s) < JAX's heartbeat timeout
+        # SIGKILL: unnoticed until our timeout (3 s) < JAX's heartbeat timeout (slow: it
+        # then waits for JAX's heartbeat to abort the survivor at exit).
+        pytest.param("kill", 1, 8, marks=pytest.mark.slow),
     ],
     ids=["clean-exit", "sigkill"],
 )
@@ -319,7 +321,7 @@ def test_a_dead_peer_makes_the_survivor_raise_within_the_timeout(
 
 @pytest.mark.parametrize(
     ("dies", "heartbeat", "bound"),
-    [(0, 100, 10), (1, 3, 15)],
+    [(0, 100, 10), pytest.param(1, 3, 15, marks=pytest.mark.slow)],
     ids=["service-host-dies", "heartbeat-timeout-first"],
 )
 def test_jax_ends_the_survivor_first_when_it_notices_the_death_first(

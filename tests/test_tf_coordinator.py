@@ -307,7 +307,7 @@ def test_bad_values_and_mismatched_calls_raise_on_every_worker(rounds_job: list[
 # ----------------------------------------------------------------- failures
 
 
-@pytest.mark.parametrize("staller", [1, 0], ids=["worker-stalls", "chief-stalls"])
+@pytest.mark.parametrize("staller", [1, pytest.param(0, marks=pytest.mark.slow)], ids=["worker-stalls", "chief-stalls"])
 def test_a_stalled_peer_makes_both_sides_raise_coordinator_error(tmp_path: Path, staller: int) -> None:
     timeout = 5.0
     results = _ok(run_job(tmp_path, scenario="stall", timeout=timeout, staller=staller))
