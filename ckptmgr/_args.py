@@ -104,11 +104,6 @@ def check_coordination(
             "Expected a coordinator whose rank is in range(world_size). "
             f"Received: rank={rank!r}, world_size={world!r}"
         )
-    if async_save:
-        raise ValueError(
-            "Expected async_save=False with a coordinator (a save of several processes is "
-            "committed in the foreground so far). Received: async_save=True"
-        )
     if read_only:
         raise ValueError(
             "Expected no coordinator with read_only=True (readers need no coordination: each "

@@ -56,6 +56,9 @@ class CheckpointReader:
     def _apply_retention(self, *, delete: bool = True) -> list[CheckpointInfo]:
         raise NotImplementedError
 
+    def _settle_pending(self) -> None:
+        """Collective: conclude a save in flight before reading (a writer's business)."""
+
 
     def _adopt_tracker(self, recorded: Any) -> None:
         """A reader without ``monitor`` adopts the metric the run recorded, so that
@@ -402,6 +405,7 @@ class CheckpointReader:
         """
         c = self._coordinator
         assert c is not None
+        self._settle_pending()
         if c.rank == 0:
             try:
                 steps = (sorted(self._records, reverse=True) if which == "latest"

@@ -19,7 +19,6 @@ from typing import Any
 
 from . import codec
 from .errors import CheckpointError
-from .info import CheckpointInfo
 
 
 class SaveWriter:
@@ -28,12 +27,13 @@ class SaveWriter:
     def __init__(self, owner: object, directory: Path | str, *, background: bool) -> None:
         self._directory = directory
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[CheckpointInfo] | None = None
+        self._pending: Future[Any] | None = None
         self._on_failure: Callable[[], None] | None = None
         self.pending_step: int | None = None
         # The last snapshot handed to the background writer; once written, the next
         # snapshot is copied into its arrays (one state's memory stays allocated).
         self._spare: codec.EncodedTree | None = None
+        self._result: Any = None  # what the last background job returned, until taken
         if background:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
             # Flush pending writes at interpreter exit even if close() was never called.
@@ -57,8 +57,8 @@ class SaveWriter:
         return snapshot
 
     def run(
-        self, step: int, commit: Callable[[], CheckpointInfo], on_failure: Callable[[], None]
-    ) -> CheckpointInfo | None:
+        self, step: int, commit: Callable[[], Any], on_failure: Callable[[], None]
+    ) -> Any:
         """Commit now and return its info, or start it in the background and return None.
 
         ``on_failure`` runs when the commit fails (now, or when the failure surfaces).
@@ -92,12 +92,18 @@ class SaveWriter:
         self.pending_step = None
         on_failure, self._on_failure = self._on_failure, None
         if exc is None:
+            self._result = pending.result()
             return
         if on_failure is not None:
             on_failure()
         if isinstance(exc, CheckpointError):
             raise exc
         raise CheckpointError(f"Background save to {self._directory} failed: {exc!r}") from exc
+
+    def take_result(self) -> Any:
+        """What the last background job that finished returned (once; None after)."""
+        result, self._result = self._result, None
+        return result
 
     def shutdown(self) -> None:
         """Stop the background thread (after what is in flight)."""

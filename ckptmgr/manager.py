@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import threading
@@ -115,7 +116,13 @@ class CheckpointManager(CheckpointReader):
             stalls makes the others raise :class:`CoordinatorError` within the
             coordinator's timeout (which must exceed the time a save takes). The metrics
             that count are rank 0's. ``prune``, ``rollback`` and ``delete_all`` run on
-            rank 0 alone. See "Many processes" in the README.
+            rank 0 alone; the other ranks' ``checkpoints``, ``latest`` and ``best`` list
+            the directory (rank 0 deletes what retention removed after the others have
+            their answer, so a listing right after a save may still show it, labelled
+            "unretained"). With ``async_save``, each rank writes its share in the
+            background and rank 0 commits the step at the next collective call (``save``,
+            ``wait``, ``restore``, ``close``), which raises if any rank's share failed.
+            See "Many processes" in the README.
         sharded: with a coordinator: True when each rank's state is its own part (a
             shard): every rank writes its part, and restores its own; a checkpoint so
             saved restores only on as many ranks (``restore(step, rank=k)`` reads any
@@ -158,6 +165,8 @@ class CheckpointManager(CheckpointReader):
         check_coordination(directory, coordinator, sharded=sharded, async_save=async_save, read_only=read_only)
         self._coordinator = coordinator
         self._sharded = sharded
+        self._pending: _Pending | None = None  # a coordinated async save not concluded yet
+        self._own_error: BaseException | None = None  # this rank's failure in that save
         follower = coordinator is not None and coordinator.rank != 0
         self._tracker = (
             MetricTracker(monitor, mode=mode, min_delta=min_delta, baseline=baseline)
@@ -377,7 +386,6 @@ class CheckpointManager(CheckpointReader):
                 f"Saving a FilePayload with sharded=True is not supported ({self._directory}): a "
                 "framework's own file is saved by rank 0 alone (sharded=False)")
         c = self._coordinator
-        directory = self._dir
         assert c is not None
         leader = c.rank == 0
         mine: dict[str, Any] = {"step": step, "force": force}
@@ -390,7 +398,12 @@ class CheckpointManager(CheckpointReader):
             else:
                 wanted, meta, best_before = self._decide(step, metrics, force=force, stacklevel=4)
                 mine.update(save=wanted, meta=meta, token=secrets.token_hex(4))
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            mine["previous"] = self._own_report()
         gathered = c.all_gather(mine)
+        if previous is not None:  # the async save before this one: committed now, or its error raised
+            self._conclude(previous, [g["previous"] for g in gathered])
         steps = [g.get("step") for g in gathered]
         if len(set(steps)) != 1:
             raise CoordinatorError(
@@ -409,44 +422,88 @@ class CheckpointManager(CheckpointReader):
             return None
         if leader:
             self._last_save_time = meta["time"]
-        own_error: BaseException | None = None
-        outcome: Any = None
-        if self._sharded:
-            assert isinstance(directory, CheckpointDirectory)
-            try:
-                report: dict[str, Any] = directory.write_part(
-                    step, c.rank, c.world_size, lead["token"], state, {"step": step, "time": meta["time"]})
-            except (CheckpointError, TypeError, ValueError) as exc:
-                own_error, report = exc, {"error": f"{type(exc).__name__}: {exc}"}
-            reports = c.all_gather(report)
-            if leader:
-                failed = {rank: r["error"] for rank, r in enumerate(reports) if "error" in r}
-                if failed:
-                    outcome = {"error": "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())}
-                else:
-                    try:
-                        record = directory.commit_parts(step, lead["token"], reports, meta)
-                        # Retention's deletions (n parts per step) wait until the other
-                        # ranks have their answer: they need not wait for them.
-                        outcome = {"info": _info_message(self._committed(record, delete=False))}
-                    except CheckpointError as exc:
-                        own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
-                if "error" in outcome:
-                    directory.discard_parts([r["name"] for r in reports if "name" in r])
-        elif leader:
-            try:
-                if isinstance(state, FilePayload):
-                    tmp = self._dir.write_payload(state.name, state.write)
-                    info = self._commit_payload(state.name, tmp, meta)
-                else:
-                    info = self._commit_tree(step, state, meta)
-                outcome = {"info": _info_message(info)}
-            except (CheckpointError, TypeError, ValueError) as exc:
-                own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+        pending = _Pending(step, lead["token"], meta, best_before)
+        if not self._writer.background:
+            report = self._write_mine(pending, state)
+            return self._conclude(pending, c.all_gather(report) if self._sharded else [report])
+        # Async: this rank's share runs on the background thread, from a copy of the state;
+        # the commit is concluded by the next collective call (save, wait, restore, close).
+        snapshot = self._writer.prepare(state) if self._sharded or leader else None
+        self._writer.run(step, lambda: self._write_mine(pending, snapshot), lambda: None)
+        self._pending = pending
+        return CheckpointInfo(step, self._dir.tree_path(step), meta["metrics"], meta["time"], 0)
+
+    def _write_mine(self, pending: _Pending, state: Any) -> dict[str, Any]:
+        """This rank's share of a save, and its report: its part (sharded), or rank 0's
+        whole checkpoint, committed (replicated; the other ranks have nothing to do)."""
+        c = self._coordinator
+        assert c is not None
+        step, meta = pending.step, pending.meta
+        try:
+            if self._sharded:
+                directory = self._dir
+                assert isinstance(directory, CheckpointDirectory)
+                return directory.write_part(step, c.rank, c.world_size, pending.token, state,
+                                            {"step": step, "time": meta["time"]})
+            if c.rank != 0:
+                return {"ok": True}
+            if isinstance(state, FilePayload):
+                info = self._commit_payload(state.name, self._dir.write_payload(state.name, state.write), meta)
+            else:
+                info = self._commit_tree(step, state, meta)
+            return {"info": _info_message(info)}
+        except (CheckpointError, TypeError, ValueError) as exc:
+            self._own_error = exc
+            return {"error": f"rank {c.rank}: {type(exc).__name__}: {exc}"}
+
+    def _own_report(self) -> dict[str, Any]:
+        """Wait for this rank's background share of the pending save; its report."""
+        c = self._coordinator
+        assert c is not None
+        try:
+            self._writer.wait()
+        except CheckpointError as exc:
+            self._own_error = exc
+            return {"error": f"rank {c.rank}: {type(exc).__name__}: {exc}"}
+        report = self._writer.take_result()
+        return report if isinstance(report, dict) else {"error": f"rank {c.rank}: its write never ran"}
+
+    def _conclude(self, pending: _Pending, reports: list[dict[str, Any]]) -> CheckpointInfo:
+        """Rank 0 commits (or, if any rank failed, discards) a save every rank wrote its
+        share of, and tells the others; every rank returns its info or raises.
+
+        ``reports``: every rank's report, by rank (a replicated save: at least rank 0's).
+        """
+        c = self._coordinator
+        assert c is not None
+        leader = c.rank == 0
+        step = pending.step
+        own_error, self._own_error = self._own_error, None
+        outcome: dict[str, Any] | None = None
+        if leader:
+            failed = [r["error"] for r in reports if "error" in r]
+            if failed:
+                outcome = {"error": "; ".join(failed)}
+            elif self._sharded:
+                directory = self._dir
+                assert isinstance(directory, CheckpointDirectory)
+                try:
+                    record = directory.commit_parts(step, pending.token, reports, pending.meta)
+                    # Retention's deletions (n parts per step) wait until the other ranks
+                    # have their answer: they need not wait for them.
+                    outcome = {"info": _info_message(self._committed(record, delete=False))}
+                except CheckpointError as exc:
+                    own_error, outcome = exc, {"error": f"rank 0: {type(exc).__name__}: {exc}"}
+            else:
+                outcome = reports[0]
+            if "error" in outcome and self._sharded:
+                assert isinstance(self._dir, CheckpointDirectory)
+                self._dir.discard_parts([r["name"] for r in reports if "name" in r])
         outcome = c.broadcast(outcome)
+        assert isinstance(outcome, dict)
         if "error" in outcome:
             if leader:
-                self._forget_best(step, best_before)
+                self._forget_best(step, pending.best_before)
             if own_error is not None:
                 raise own_error
             raise CoordinatorError(f"rank {c.rank}: the save of step {step} failed, nothing was committed: "
@@ -456,8 +513,14 @@ class CheckpointManager(CheckpointReader):
                 with self._mutex:
                     self._apply_retention()
             return self._records[step].info
-        return _info_from_message(outcome["info"], ObjectURL if isinstance(directory, ObjectCheckpointDirectory)
+        return _info_from_message(outcome["info"], ObjectURL if isinstance(self._dir, ObjectCheckpointDirectory)
                                   else Path)
+
+    def _settle_pending(self) -> None:
+        """Collective: conclude an async save in flight (every rank calls it alike)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._coordinator is not None:
+            self._conclude(pending, self._coordinator.all_gather(self._own_report()))
 
     def _check_step_order(self, step: int) -> None:
         """Steps only move forward: a save below the latest would be hidden by it.
@@ -531,9 +594,15 @@ class CheckpointManager(CheckpointReader):
     def wait(self) -> None:
         """Block until the background write (``async_save``) is committed.
 
+        With a coordinator it is a collective (every rank calls it): rank 0 commits the
+        step every rank has written its share of, and every rank returns once it is.
+
         Raises:
-            CheckpointError: the background write failed.
+            CheckpointError: the background write failed (with a coordinator, at any rank:
+                :class:`CoordinatorError` at the others).
         """
+        if self._coordinator is not None:
+            self._settle_pending()
         self._writer.wait()
 
     def close(self) -> None:
@@ -547,7 +616,7 @@ class CheckpointManager(CheckpointReader):
             return
         self._closed = True
         try:
-            self._writer.wait()
+            self.wait()
         finally:
             self._writer.shutdown()
             if not self._read_only:
@@ -853,6 +922,16 @@ class CheckpointManager(CheckpointReader):
             self._labels_current = False
         return removed
 
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    """A coordinated save whose shares are being written: what its commit needs."""
+
+    step: int
+    token: str
+    meta: dict[str, Any]
+    best_before: tuple[float | None, int | None]
 
 
 def _info_message(info: CheckpointInfo) -> dict[str, Any]:

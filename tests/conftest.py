@@ -12,7 +12,8 @@ Helpers that child processes need too live in modules with a leading underscore
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,25 @@ def s3_proxy(s3_server: Any) -> Any:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Callable[[str], None]]]:
+    """A small tmpfs and ``remount(options)``; skipped where mounting is not allowed."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True, capture_output=True, timeout=60)
+
+    try:
+        yield mnt, remount
+    finally:
+        done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=60)

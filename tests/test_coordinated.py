@@ -142,6 +142,9 @@ def test_retention_deletes_the_parts_with_the_commit_record(tmp_path: Path) -> N
                                        monitor="loss") as mgr:
             for step in range(1, 6):
                 mgr.save(step, shard(c.rank, step), metrics={"loss": 5.0 - step if step != 2 else 0.0})
+            # Rank 0 deletes what retention removed after the others have their answer:
+            # a listing on another rank is final once rank 0 is past its save().
+            c.barrier()
             return [(i.step, i.keep_reasons) for i in mgr.checkpoints], mgr.best
 
     results = no_errors(run_ranks(2, work))
@@ -366,12 +369,10 @@ def test_bad_coordination_arguments() -> None:
         ckptmgr.CheckpointManager("unused", sharded=True)
     with pytest.raises(ValueError, match=r"implement ckptmgr\.Coordinator"):
         ckptmgr.CheckpointManager("unused", coordinator=object())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="async_save=False with a coordinator"):
-        ckptmgr.CheckpointManager("unused", coordinator=c, async_save=True)
     with pytest.raises(ValueError, match="read_only=True"):
         ckptmgr.CheckpointManager("unused", coordinator=c, read_only=True)
-    with pytest.raises(ValueError, match="object storage is not supported yet"):
-        ckptmgr.CheckpointManager("s3://bucket/x", coordinator=c)
+    with pytest.raises(ValueError, match="each rank's part on object storage is not supported yet"):
+        ckptmgr.CheckpointManager("s3://bucket/x", coordinator=c, sharded=True)
 
 
 def test_hostile_part_list_names_no_file_outside_its_step(tmp_path: Path) -> None:
@@ -428,3 +429,69 @@ def test_the_cli_lists_shows_and_verifies_a_sharded_directory(tmp_path: Path) ->
     flip_byte_in_array(tmp_path / next(n for n in part_files(tmp_path) if storage.parse_part_name(n)[:2] == (2, 0)))
     damaged = cli("verify")
     assert damaged.returncode != 0 and "rank-00000-of-00002" in damaged.stdout + damaged.stderr
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "replicated"])
+def test_async_saves_commit_at_the_next_collective_call(tmp_path: Path, sharded: bool) -> None:
+    def work(c: ThreadCoordinator) -> Any:
+        mgr = ckptmgr.CheckpointManager(tmp_path, coordinator=c, sharded=sharded, async_save=True,
+                                        keep=ckptmgr.KeepLast(2))
+        mgr.save(1, shard(c.rank if sharded else 0, 1))
+        state = shard(c.rank if sharded else 0, 2)
+        provisional = mgr.save(2, state)  # concludes step 1
+        state["w"][:] = -1  # the save copied it: changing it now changes nothing
+        c.barrier()
+        listed = [i.step for i in mgr.checkpoints]
+        mgr.wait()  # concludes step 2
+        c.barrier()
+        after_wait = [i.step for i in mgr.checkpoints]
+        mgr.save(3, shard(c.rank if sharded else 0, 3))
+        mgr.close()  # concludes step 3
+        with ckptmgr.CheckpointManager(tmp_path, coordinator=c, sharded=sharded, async_save=True) as again:
+            return provisional, listed, after_wait, again.restore(2), again.restore(), [i.step for i in again.checkpoints]
+
+    results = no_errors(run_ranks(2, work))
+    for rank, (provisional, listed, after_wait, second, latest, steps) in enumerate(results):
+        assert provisional.step == 2 and provisional == results[0][0]
+        assert listed == [1] and after_wait == [1, 2]
+        assert_tree_equal(second, shard(rank if sharded else 0, 2))
+        assert_tree_equal(latest, shard(rank if sharded else 0, 3))
+        assert steps == [2, 3]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_at_one_rank_fails_the_step_on_every_rank_and_commits_nothing(
+    tmpfs: tuple[Path, Callable[[str], None]], async_save: bool,
+) -> None:
+    mnt, _ = tmpfs  # 4 MiB
+    directory = mnt / "ckpt"
+
+    def state(rank: int, step: int) -> dict[str, Any]:
+        # Rank 1's part of step 2 (6 MiB) does not fit; everything else does.
+        size = 6 * 2**20 if (rank, step) == (1, 2) else 64 * 2**10
+        return {"w": np.full(size // 8, float(step)), "rank": rank}
+
+    def work(c: ThreadCoordinator) -> Any:
+        mgr = ckptmgr.CheckpointManager(directory, coordinator=c, sharded=True, async_save=async_save)
+        mgr.save(1, state(c.rank, 1))
+        mgr.wait()
+        errors = []
+        try:
+            mgr.save(2, state(c.rank, 2))
+            mgr.wait()
+        except ckptmgr.CheckpointError as exc:
+            errors.append(exc)
+        steps = [i.step for i in mgr.checkpoints]
+        mgr.save(3, state(c.rank, 3))  # the job goes on
+        mgr.close()
+        return errors, steps
+
+    results = no_errors(run_ranks(2, work))
+    (errors0, steps0), (errors1, _) = results
+    assert len(errors1) == 1 and isinstance(errors1[0], ckptmgr.CheckpointIOError)
+    assert "No space left on device" in str(errors1[0])
+    assert len(errors0) == 1 and isinstance(errors0[0], ckptmgr.CoordinatorError)
+    assert "rank 1" in str(errors0[0]) and "nothing was committed" in str(errors0[0])
+    assert steps0 == [1]
+    assert sorted({storage.parse_part_name(n)[0] for n in storage.part_files(directory)}) == [1, 3]
+    assert [c.step for c in ckptmgr.CheckpointManager(directory, read_only=True).checkpoints] == [1, 3]

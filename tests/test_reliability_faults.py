@@ -25,7 +25,7 @@ import os
 import subprocess
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -424,28 +424,6 @@ def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: p
 
 
 # ------------------------------------------------------------- real file systems
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Callable[[str], None]]]:
-    """A small tmpfs and ``remount(options)``; skipped where mounting is not allowed."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True,
-                       capture_output=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-
-    def remount(options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True, capture_output=True, timeout=60)
-
-    try:
-        yield mnt, remount
-    finally:
-        done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=60)
 
 
 def open_fds_under(directory: Path) -> list[str]:
