@@ -45,6 +45,7 @@ def test_sharded_and_replicated_saves_restore_bit_exact_on_every_rank(
         assert report["world"] == 2
         assert report["saved"] == [1, 2] and report["checkpoints"] == [1, 2]
         assert report["latest_ok"] and report["first_ok"] and report["replicated_ok"]
+        assert report["async_ok"] and report["async_checkpoints"] == [1, 2, 3]
     # From one process, without a coordinator: the listing, and each rank's part.
     reader = ckptmgr.CheckpointManager(ckpt / "sharded", read_only=True)
     assert [c.step for c in reader.checkpoints] == [1, 2]
