@@ -58,3 +58,9 @@ def test_backup_and_restore_finds_the_strategy_and_the_chief_writes(tmp_path: Pa
         assert report["resumed_at"] == [1, 4]
     # Both workers restored the weights the chief saved.
     assert len({r["weights"] for r in reports(first) + reports(again)}) == 1
+    # ModelCheckpoint: the files of the improving epochs, written once (by the chief).
+    for report in reports(first):
+        assert report["best_coordinated"] is True
+        assert report["models"] == ["m-01.weights.h5", "m-03.weights.h5"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")) == [
+        "m-01.weights.h5", "m-03.weights.h5"]
