@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptmgr.coordinator import DEFAULT_TIMEOUT, decode_message, encode_message
+from ckptmgr.coordinator import DEFAULT_TIMEOUT, CoordinatorBase, decode_message, encode_message
 from ckptmgr.errors import CoordinatorError
 
 __all__ = ["JaxCoordinator", "from_tree", "to_tree"]
@@ -73,7 +73,7 @@ def _describe(exc: BaseException) -> str:
     return line
 
 
-class JaxCoordinator:
+class JaxCoordinator(CoordinatorBase):
     """The :class:`ckptmgr.coordinator.Coordinator` protocol between the processes of a JAX job.
 
     Create one in every process, after ``jax.distributed.initialize(...)`` and in the
@@ -159,21 +159,6 @@ class JaxCoordinator:
         self._stored_round: int | None = None  # the previous round, if it stored values
         self._broken: str | None = None  # why the coordinator failed, once it has
         self._failure: BaseException | None = None
-
-    @property
-    def rank(self) -> int:
-        """This process's rank, ``jax.process_index()``."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of processes, ``jax.process_count()``."""
-        return self._world_size
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a collective waits for the other processes before raising."""
-        return self._timeout
 
     def barrier(self) -> None:
         """Return once every process has called it.

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptmgr.coordinator import DEFAULT_TIMEOUT, decode_message, encode_message
+from ckptmgr.coordinator import DEFAULT_TIMEOUT, CoordinatorBase, decode_message, encode_message
 from ckptmgr.errors import CoordinatorError
 
 __all__ = ["MultiWorkerCoordinator", "load_tree", "to_tree"]
@@ -242,7 +242,7 @@ def _describe_tf_error(exc: BaseException) -> str:
     return cause
 
 
-class MultiWorkerCoordinator:
+class MultiWorkerCoordinator(CoordinatorBase):
     """The :class:`ckptmgr.coordinator.Coordinator` protocol between the workers of a
     ``tf.distribute.MultiWorkerMirroredStrategy`` job.
 
@@ -364,21 +364,6 @@ class MultiWorkerCoordinator:
                 "strategy.scope(), or pass strategy=)"
             )
         return 0, 1
-
-    @property
-    def rank(self) -> int:
-        """This worker's rank: the chief's is 0, then the workers' in task order."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of workers (chief and worker tasks)."""
-        return self._world_size
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a collective round waits for the other workers before raising."""
-        return self._timeout
 
     def barrier(self) -> None:
         """Return once every worker has called it.

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ckptmgr.coordinator import decode_message, encode_message
+from ckptmgr.coordinator import CoordinatorBase, decode_message, encode_message
 from ckptmgr.errors import CoordinatorError
 
 __all__ = ["TorchCoordinator", "from_numpy", "from_tree", "load_tree", "to_numpy", "to_tree"]
@@ -319,7 +319,7 @@ def _load(obj: Any, tree: Any, where: tuple[Any, ...]) -> None:
 # ------------------------------------------------------------------------- coordinator
 
 
-class TorchCoordinator:
+class TorchCoordinator(CoordinatorBase):
     """The :class:`ckptmgr.coordinator.Coordinator` protocol over ``torch.distributed``.
 
     Lets the processes of a ``torchrun`` job share one
@@ -434,21 +434,6 @@ class TorchCoordinator:
         self._timeout = seconds
         self._lock = threading.Lock()
         self._broken: str | None = None
-
-    @property
-    def rank(self) -> int:
-        """This process's rank in the coordinator's group, in ``range(world_size)``."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of processes in the coordinator's group."""
-        return self._world_size
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a collective waits for the other ranks before raising."""
-        return self._timeout
 
     @property
     def process_group(self) -> Any:

@@ -83,6 +83,37 @@ class Coordinator(Protocol):
         ...
 
 
+class CoordinatorBase:
+    """``rank``, ``world_size`` and ``timeout`` as read-only properties, for implementations
+    of :class:`Coordinator` (each sets ``_rank``, ``_world_size`` and ``_timeout``).
+
+    >>> class Alone(CoordinatorBase):
+    ...     def __init__(self) -> None:
+    ...         self._rank, self._world_size, self._timeout = 0, 1, 1.0
+    >>> Alone().world_size
+    1
+    """
+
+    _rank: int
+    _world_size: int
+    _timeout: float
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, in ``range(world_size)``; rank 0 decides and commits."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes (ranks) of the job."""
+        return self._world_size
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a collective waits for the other ranks before raising."""
+        return self._timeout
+
+
 def encode_message(value: Any, where: str = "coordinator message") -> bytes:
     """The bytes an implementation sends for ``value`` (JSON, UTF-8).
 
@@ -124,7 +155,7 @@ class _Group:
         self.broken: str | None = None
 
 
-class ThreadCoordinator:
+class ThreadCoordinator(CoordinatorBase):
     """The :class:`Coordinator` protocol between threads of one process.
 
     Create the ranks together with :meth:`group` and give one to each thread. Values
@@ -138,6 +169,7 @@ class ThreadCoordinator:
     def __init__(self, group: _Group, rank: int, timeout: float) -> None:
         self._group = group
         self._rank = rank
+        self._world_size = group.size
         self._timeout = timeout
         self._round = 0
 
@@ -154,18 +186,6 @@ class ThreadCoordinator:
             raise ValueError(f"Expected timeout to be a number of seconds > 0. Received: timeout={timeout!r}")
         shared = _Group(world_size)
         return [cls(shared, rank, float(timeout)) for rank in range(world_size)]
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._group.size
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
 
     def _exchange(self, blob: bytes, what: str) -> list[bytes]:
         group = self._group
