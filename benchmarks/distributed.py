@@ -705,16 +705,7 @@ def main(argv: list[str]) -> int:
             gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    res["seconds"] = time.time() - started
-    res["environment"]["load average at end (1, 5, 15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    lines = report(res)
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "distributed.md").write_text("# ckptmgr with many processes\n\nProduced by `benchmarks/distributed.py`; "
-                                        "see benchmarks/README.md.\n\n" + "\n".join(lines) + "\n")
-    log(f"wrote {out / 'distributed.md'} and {out / 'distributed.json'}")
+    peers.finish(res, started, report, args.out, "distributed", "ckptmgr with many processes")
     return 0
 
 

@@ -1012,17 +1012,24 @@ def main(argv: list[str]) -> int:
             gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    finish(res, started, report, args.out, "peers", "ckptmgr vs peers")
+    return 0
+
+
+def finish(res: dict[str, Any], started: float, report: Callable[[dict[str, Any]], list[str]], out_dir: str,
+           stem: str, title: str) -> None:
+    """Print a benchmark's tables and write them (and its raw results) to ``out_dir``:
+    ``<stem>.md`` and ``<stem>.json``. Shared by the scripts of benchmarks/."""
     res["seconds"] = time.time() - started
     res["environment"]["load average at end (1, 5, 15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = report(res)
     print("\n".join(lines))
-    out = Path(args.out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "peers.md").write_text("# ckptmgr vs peers\n\nProduced by `benchmarks/peers.py`; see "
-                                  "benchmarks/README.md.\n\n" + "\n".join(lines) + "\n")
-    log(f"wrote {out / 'peers.md'} and {out / 'peers.json'}")
-    return 0
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{stem}.md").write_text(f"# {title}\n\nProduced by `benchmarks/{stem}.py`; see "
+                                    "benchmarks/README.md.\n\n" + "\n".join(lines) + "\n")
+    log(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import shutil
@@ -585,16 +584,7 @@ def main(argv: list[str]) -> int:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
         log("server stopped, scratch removed")
-    res["seconds"] = time.time() - started
-    res["environment"]["load average at end (1, 5, 15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    lines = report(res)
-    print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "s3.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "s3.md").write_text("# ckptmgr on object storage\n\nProduced by `benchmarks/s3.py`; see "
-                               "benchmarks/README.md.\n\n" + "\n".join(lines) + "\n")
-    log(f"wrote {out / 's3.md'} and {out / 's3.json'}")
+    peers.finish(res, started, report, args.out, "s3", "ckptmgr on object storage")
     return 0
 
 
