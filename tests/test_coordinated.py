@@ -363,16 +363,18 @@ def test_rank_zero_that_cannot_open_tells_the_others(tmp_path: Path) -> None:
     assert isinstance(results[1], ckptmgr.CoordinatorError) and "DirectoryLockedError" in str(results[1])
 
 
-def test_bad_coordination_arguments() -> None:
+def test_bad_coordination_arguments(tmp_path: Path) -> None:
     (c,) = ThreadCoordinator.group(1)
+    unused = tmp_path / "unused"
     with pytest.raises(ValueError, match="Expected a coordinator with sharded=True"):
-        ckptmgr.CheckpointManager("unused", sharded=True)
+        ckptmgr.CheckpointManager(unused, sharded=True)
     with pytest.raises(ValueError, match=r"implement ckptmgr\.Coordinator"):
-        ckptmgr.CheckpointManager("unused", coordinator=object())  # type: ignore[arg-type]
+        ckptmgr.CheckpointManager(unused, coordinator=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="read_only=True"):
-        ckptmgr.CheckpointManager("unused", coordinator=c, read_only=True)
+        ckptmgr.CheckpointManager(unused, coordinator=c, read_only=True)
     with pytest.raises(ValueError, match="each rank's part on object storage is not supported yet"):
         ckptmgr.CheckpointManager("s3://bucket/x", coordinator=c, sharded=True)
+    assert not unused.exists()  # refused before anything was created
 
 
 def test_hostile_part_list_names_no_file_outside_its_step(tmp_path: Path) -> None:
