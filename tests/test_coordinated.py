@@ -497,3 +497,13 @@ def test_a_full_disk_at_one_rank_fails_the_step_on_every_rank_and_commits_nothin
     assert steps0 == [1]
     assert sorted({storage.parse_part_name(n)[0] for n in storage.part_files(directory)}) == [1, 3]
     assert [c.step for c in ckptmgr.CheckpointManager(directory, read_only=True).checkpoints] == [1, 3]
+
+
+def test_follow_lists_a_sharded_run_and_each_part_restores(tmp_path: Path) -> None:
+    no_errors(run_ranks(2, lambda c: [ckptmgr.CheckpointManager(tmp_path, coordinator=c, sharded=True).save(
+        s, shard(c.rank, s)) for s in (1, 2)]))
+    followed = list(ckptmgr.follow(tmp_path, "latest", timeout=0))
+    assert [i.step for i in followed] == [2] and len(followed[0].parts) == 2
+    reader = ckptmgr.CheckpointManager(tmp_path, read_only=True)
+    for rank in (0, 1):
+        assert_tree_equal(reader.restore(followed[0].step, rank=rank), shard(rank, 2))
