@@ -78,7 +78,7 @@ def steps_text(steps: list[int]) -> str:
 
 
 def check_coordination(
-    directory: object, coordinator: object, *, sharded: object, async_save: bool, read_only: bool,
+    directory: object, coordinator: object, *, sharded: object, read_only: bool,
 ) -> None:
     """Check CheckpointManager's ``coordinator=``/``sharded=`` arguments."""
     from .coordinator import Coordinator

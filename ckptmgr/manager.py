@@ -162,7 +162,7 @@ class CheckpointManager(CheckpointReader):
     ) -> None:
         check_options(directory, save_every, keep, monitor, mode, best_only=best_only,
                       async_save=async_save, read_only=read_only, storage_options=storage_options)
-        check_coordination(directory, coordinator, sharded=sharded, async_save=async_save, read_only=read_only)
+        check_coordination(directory, coordinator, sharded=sharded, read_only=read_only)
         self._coordinator = coordinator
         self._sharded = sharded
         self._pending: _Pending | None = None  # a coordinated async save not concluded yet
