@@ -263,6 +263,28 @@ def run_workers(
     return result
 
 
+def wait_for(
+    procs: Sequence[subprocess.Popen[bytes]], *, start: float, deadline: float,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Wait for processes started (each in a session of its own) at ``time.monotonic()``
+    ``start``, until ``deadline`` seconds after it; SIGKILL the process group of any still
+    running then. Returns, by index, the wall time (from ``start``) and the ``time.time()``
+    at which each process that ended by itself ended (a process missing from them hung)."""
+    walls: dict[int, float] = {}
+    ended_at: dict[int, float] = {}
+    while len(walls) < len(procs) and time.monotonic() - start < deadline:
+        for i, proc in enumerate(procs):
+            if i not in walls and proc.poll() is not None:
+                walls[i], ended_at[i] = time.monotonic() - start, time.time()
+        time.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return walls, ended_at
+
+
 def _job_env(extra: Mapping[str, str | None] | None, marker: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _dist import free_ports, wait_for
 
 jax = pytest.importorskip("jax")
 
@@ -160,13 +160,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def run_job(tmp_path: Path, **params: Any) -> dict[int, dict[str, Any]]:
     """Run WORKER in two processes; per rank: rc, wall seconds, the time.time() it ended,
     its result file (or None), its progress file (or None), its log."""
@@ -174,7 +167,7 @@ def run_job(tmp_path: Path, **params: Any) -> dict[int, dict[str, Any]]:
     script.write_text(WORKER, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    port = _free_port()
+    (port,) = free_ports(1)
     start = time.monotonic()
     procs = []
     for rank in range(2):
@@ -184,17 +177,7 @@ def run_job(tmp_path: Path, **params: Any) -> dict[int, dict[str, Any]]:
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         ))
         log.close()
-    walls: dict[int, float] = {}
-    ended_at: dict[int, float] = {}
-    while len(walls) < 2 and time.monotonic() - start < DEADLINE:
-        for rank, proc in enumerate(procs):
-            if rank not in walls and proc.poll() is not None:
-                walls[rank], ended_at[rank] = time.monotonic() - start, time.time()
-        time.sleep(0.05)
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    walls, ended_at = wait_for(procs, start=start, deadline=DEADLINE)
     logs = {rank: (tmp_path / f"log{rank}.txt").read_text(errors="replace") for rank in range(2)}
     if len(walls) < 2:
         pytest.fail(f"the job passed its {DEADLINE:g} s deadline (a hang); logs:\n" + "\n".join(

@@ -13,7 +13,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _dist import free_ports, wait_for
 
 tf = pytest.importorskip("tensorflow")
 
@@ -156,20 +156,9 @@ WORKER = "from __future__ import annotations\n\n" + inspect.getsource(sent_value
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _tf_configs(layout: str) -> list[str]:
     """TF_CONFIG of the two tasks: two workers, or a chief and a worker."""
-    p0, p1 = (f"127.0.0.1:{port}" for port in _free_ports(2))
+    p0, p1 = (f"127.0.0.1:{port}" for port in free_ports(2))
     if layout == "worker":
         cluster: dict[str, list[str]] = {"worker": [p0, p1]}
         tasks = [("worker", 0), ("worker", 1)]
@@ -195,16 +184,7 @@ def run_job(tmp_path: Path, *, layout: str = "worker", **params: Any) -> dict[in
             stdout=log, stderr=subprocess.STDOUT, env={**base, "TF_CONFIG": tf_config}, start_new_session=True,
         ))
         log.close()
-    walls: dict[int, float] = {}
-    while len(walls) < 2 and time.monotonic() - start < DEADLINE:
-        for task, proc in enumerate(procs):
-            if task not in walls and proc.poll() is not None:
-                walls[task] = time.monotonic() - start
-        time.sleep(0.05)
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    walls, _ = wait_for(procs, start=start, deadline=DEADLINE)
     logs = {task: (tmp_path / f"log{task}.txt").read_text(errors="replace") for task in range(2)}
     if len(walls) < 2:
         pytest.fail(f"the job passed its {DEADLINE:g} s deadline (a hang); logs:\n" + "\n".join(
