@@ -791,23 +791,25 @@ def test_missing_metric_warning_is_its_own_category(ckpt_dir: Path) -> None:
 
 
 def test_async_snapshots_reuse_memory_yet_every_step_keeps_its_own_values(ckpt_dir: Path) -> None:
-    """Each async save copies into the previous snapshot's arrays once that one is written;
-    values, shapes and dtypes that change between saves still land in the right step."""
-    states = [
-        {"w": np.full((64, 64), float(step)), "b": np.arange(step + 1, dtype=np.int32), "s": step}
+    """Each async save copies into the previous snapshot's memory once that one is written
+    (a big leaf into its array, the small ones into the pack); values, shapes and dtypes
+    that change between saves still land in the right step."""
+    states: list[dict[str, Any]] = [
+        {"w": np.full((256, 256), float(step)), "b": np.arange(4, dtype=np.int32) + step, "s": step}
         for step in range(5)
     ]
     states[3]["w"] = states[3]["w"].astype(np.float32)  # a dtype change in the middle
+    states[4]["b"] = np.arange(9, dtype=np.int32)  # and a size change of a packed leaf
     with CheckpointManager(ckpt_dir, async_save=True, keep=None) as mgr:
-        first = None
+        first = first_pack = None
         for step, state in enumerate(states):
             mgr.save(step, state)
             snapshot = mgr._writer._spare  # the arrays being written now
-            assert snapshot is not None
+            assert snapshot is not None and snapshot.packed is not None
             if step == 1:
-                first = snapshot.leaves[0].array
-            if step == 2:  # same shape and dtype as step 1's: copied into its arrays
-                assert snapshot.leaves[0].array is first
+                first, first_pack = snapshot.leaves[0].array, snapshot.packed
+            if step == 2:  # same shapes and dtypes as step 1's: copied into its memory
+                assert snapshot.leaves[0].array is first and snapshot.packed is first_pack
         mgr.wait()
         for step, state in enumerate(states):
             assert_tree_equal(mgr.restore(step), state)

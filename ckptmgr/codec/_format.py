@@ -41,6 +41,7 @@ FILE_ALIGN_THRESHOLD = 64 * 1024
 MAX_DEPTH = 200
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_NDIM = 32
+MAX_DIM = 2**62  # bound on each dimension a manifest may declare
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")
 _NATIVE_KINDS = frozenset("biufc")

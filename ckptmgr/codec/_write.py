@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import h5py
 import numpy as np
-from h5py import h5d, h5p
+from h5py import h5d, h5p, h5s, h5t
 
 from . import _format
 from ._format import (
@@ -25,7 +24,6 @@ from ._format import (
     LEAF_CHECKSUM_NAME,
     MANIFEST,
     PACK,
-    PACK_ALIGN,
     PACK_BLOCK,
     PACK_CRC,
     PACK_INDEX,
@@ -35,7 +33,7 @@ from ._format import (
     checksum,
     gc_paused,
 )
-from ._tree import EncodedTree, _Leaf, encode_tree
+from ._tree import EncodedTree, _Packing, encode_tree
 
 
 class Writeback(Protocol):
@@ -90,13 +88,12 @@ def write_file(
     layer's, on a local disk); without it the final fsync does all the work.
     """
     encoded = tree if isinstance(tree, EncodedTree) else encode_tree(tree)
-    spec, leaves = encoded.spec, encoded.leaves
     total = 0
     sink = _WriteSink(path)
     started = (writeback or _NoWriteback)(sink.fileno())
     try:
         with gc_paused():
-            total = _write_h5(sink, spec, leaves, meta, started)
+            total = _write_h5(sink, encoded, meta, started)
     except Exception:
         # HDF5 tripping over a write that was dropped is the recorded error's doing.
         if sink.error is None:
@@ -156,176 +153,131 @@ def _stored(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _write_h5(
-    sink: _WriteSink, spec: dict[str, Any], leaves: list[_Leaf], meta: Mapping[str, Any],
-    writeback: Writeback,
+    sink: _WriteSink, encoded: EncodedTree, meta: Mapping[str, Any], writeback: Writeback,
 ) -> int:
     """Write format 2: small leaves packed into one dataset, big ones one dataset each.
 
     HDF5 only creates the datasets (allocated at once, never filled) and writes its own
     metadata; the arrays' bytes go to the file with ``pwritev`` at the offsets HDF5
-    allocated, many small leaves per call: no per-leaf HDF5 call.
+    allocated: the pack (its leaves copied into one buffer, one ``np.concatenate`` per
+    dtype) in a few large writes, each big leaf in slabs.
     """
     crc = _LEAF_CHECKSUMS[LEAF_CHECKSUM_NAME]
-    total = 0
     progress = _Progress(writeback)
-    pack = _Pack()
-    big: list[tuple[_Leaf, np.ndarray[Any, Any], str]] = []
-    for leaf in leaves:
-        array = leaf.array
-        total += array.nbytes
-        if array.nbytes < _format.PACK_THRESHOLD:
-            if array.dtype.kind == "b" or not array.flags.c_contiguous:
-                array = _contiguous_bytes(array)  # else the array's own buffer is its bytes
-            pack.add(leaf.node, array, leaf.h5path, leaf.array.dtype.itemsize)
-        else:
-            big.append((leaf, _stored(array), leaf.h5path))
+    packing = encoded.packing
+    packed = encoded.packed if encoded.packed is not None else packing.fill()
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
                    alignment_interval=FILE_ALIGN) as f:
         f.require_group(STATE)
-        for leaf, data, h5path in big:
+        checksums = []
+        for leaf in encoded.leaves:
+            data = _stored(leaf.array)
             if data.ndim == 0:
                 # HDF5 never allocates a scalar dataset early: it writes this one itself
-                # (only written this way when nothing is packed: 0-d leaves are tiny).
-                leaf.node["crc"] = crc(_contiguous_bytes(data), 0)
-                f.create_dataset(h5path, data=data)
+                # (only when nothing is packed, PACK_THRESHOLD 0: 0-d leaves are tiny).
+                checksums.append(crc(_contiguous_bytes(data), 0))
+                f.create_dataset(leaf.h5path, data=data)
                 continue
-            ds = _allocate(f, h5path, data.shape, data.dtype)
-            leaf.node["crc"] = _write_slabs(sink, _dataset_offset(ds, h5path, data.nbytes), data, crc, progress)
-        manifest = dict(meta)
-        manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=total, tree=spec)
-        if pack.names:
+            offset = _allocate(f, leaf.h5path, data.shape, data.dtype, data.nbytes)
+            checksums.append(_write_slabs(sink, offset, data, crc, progress))
+        manifest = {key: value for key, value in meta.items() if key != "tree"}
+        manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=encoded.nbytes)
+        if packing.count:
             manifest["pack"] = {"block": PACK_BLOCK}
-        blob = json.dumps(manifest, separators=(",", ":"), allow_nan=True).encode("utf-8")
+        head = json.dumps(manifest, separators=(",", ":"), allow_nan=True)
+        blob = f'{head[:-1]},"tree":{encoded.tree_json(checksums)}}}'.encode()
         if len(blob) > _format.MAX_MANIFEST_BYTES:
             # Readers refuse a bigger manifest: writing it would make a checkpoint that
             # cannot be restored.
             raise ValueError(
                 f"Expected a state tree whose description (keys, types, shapes) fits in "
-                f"{_format.MAX_MANIFEST_BYTES} bytes. Received: {len(leaves)} leaves described in "
-                f"{len(blob)} bytes; store large collections of small values as arrays"
+                f"{_format.MAX_MANIFEST_BYTES} bytes. Received: {packing.count + len(encoded.leaves)} "
+                f"leaves described in {len(blob)} bytes; store large collections of small values as arrays"
             )
         manifest_crc = checksum(blob)
         f.create_dataset(MANIFEST, data=np.frombuffer(blob, np.uint8))
         f.attrs["ckptmgr_format"] = FORMAT_VERSION
         f.attrs["ckptmgr_manifest_crc32"] = np.uint32(manifest_crc)
-        if pack.names:
+        if packing.count:
             # Written last: each block's checksum starts from the manifest's, so the
             # packed bytes only verify under the manifest that describes them.
-            ds = _allocate(f, "/" + PACK, (pack.nbytes,), np.dtype(np.uint8))
-            blocks = pack.write(sink, _dataset_offset(ds, "/" + PACK, pack.nbytes), progress, crc, manifest_crc)
+            offset = _allocate(f, "/" + PACK, (packed.nbytes,), np.dtype(np.uint8), packed.nbytes)
+            blocks = _write_pack(sink, offset, packed, progress, crc, manifest_crc)
             f.create_dataset(PACK_CRC, data=np.asarray(blocks, dtype="<u4"))
-            f.create_dataset(PACK_INDEX, data=pack.index())
-    return total
+            f.create_dataset(PACK_INDEX, data=_pack_index(packing))
+    return encoded.nbytes
 
 
-_PADS = [bytes(n) for n in range(PACK_ALIGN)]
-_JSON_LISTS = re.compile(r"\[[^\[\]]*\]")
+def _write_pack(
+    sink: _WriteSink, offset: int, packed: np.ndarray[Any, Any], progress: _Progress,
+    crc: Callable[[Any, int], int], seed: int,
+) -> list[int]:
+    """Write the pack at ``offset`` in slabs; return the checksum of each PACK_BLOCK bytes
+    (each started from ``seed``), computed just before its slab is written."""
+    blocks: list[int] = []
+    start, total = 0, packed.nbytes
+    while start < total:
+        stop = min(start + progress.slab_bytes(), total)  # slabs are whole blocks
+        for block in range(start, stop, PACK_BLOCK):
+            blocks.append(crc(packed[block:min(block + PACK_BLOCK, stop)], seed))
+        sink.pwritev([packed[start:stop]], offset + start)
+        progress.wrote(stop - start)
+        start = stop
+    return blocks
 
 
-class _Pack:
-    """The small leaves, back to back at multiples of PACK_ALIGN: one dataset, verified
-    by a checksum per PACK_BLOCK bytes (not per leaf: a leaf's own checksum and its
-    manifest entry cost more than its bytes)."""
-
-    def __init__(self) -> None:
-        self.nbytes = 0
-        self.buffers: list[Any] = []  # the leaves' bytes and the zeros between them
-        self.lengths: list[int] = []  # the bytes of each buffer
-        self.names: list[str] = []
-        self.nodes: list[dict[str, Any]] = []
-        self.sizes: list[int] = []
-
-    def add(self, node: dict[str, Any], raw: np.ndarray[Any, Any], h5path: str, itemsize: int) -> None:
-        """Place a leaf (``raw``: a C-contiguous array whose buffer is the leaf's bytes, of
-        items of ``itemsize`` bytes), recording where in ``node``: at a multiple of its
-        item size (up to PACK_ALIGN), so that a view of it is aligned, and leaves of one
-        dtype follow each other without gaps."""
-        gap = -self.nbytes % min(itemsize, PACK_ALIGN)
-        if gap:
-            self.buffers.append(_PADS[gap])
-            self.lengths.append(gap)
-            self.nbytes += gap
-        node["at"] = self.nbytes
-        nbytes = raw.nbytes
-        if nbytes:
-            self.buffers.append(raw)
-            self.lengths.append(nbytes)
-            self.nbytes += nbytes
-        self.names.append(h5path)
-        self.nodes.append(node)
-        self.sizes.append(nbytes)
-
-    def write(
-        self, sink: _WriteSink, offset: int, progress: _Progress, crc: Callable[[Any, int], int], seed: int,
-    ) -> list[int]:
-        """Write it at ``offset`` in the file, many buffers per ``pwritev``; return the
-        checksum of each PACK_BLOCK bytes, each started from ``seed``."""
-        blocks: list[int] = []
-        value, filled = seed, 0
-        buffers = self.buffers
-        first = 0
-        batch_bytes = 0
-        for position, (buffer, size) in enumerate(zip(buffers, self.lengths, strict=True)):
-            if filled + size < PACK_BLOCK:
-                value = crc(buffer, value)
-                filled += size
-            else:  # a block ends in this buffer
-                view = memoryview(_flat_bytes(buffer))
-                while len(view):
-                    part = view[:PACK_BLOCK - filled]
-                    value = crc(part, value)
-                    filled += len(part)
-                    view = view[len(part):]
-                    if filled == PACK_BLOCK:
-                        blocks.append(value)
-                        value, filled = seed, 0
-            batch_bytes += size
-            if position + 1 - first >= _IOV_BATCH or batch_bytes >= progress.slab_bytes():
-                sink.pwritev(buffers[first:position + 1], offset)
-                progress.wrote(batch_bytes)
-                offset += batch_bytes
-                first, batch_bytes = position + 1, 0
-        if first < len(buffers):
-            sink.pwritev(buffers[first:], offset)
-            progress.wrote(batch_bytes)
-        if filled:
-            blocks.append(value)
-        return blocks
-
-    def index(self) -> np.ndarray[Any, Any]:
-        """A table of the packed leaves for people reading the file with h5py or HDFView:
-        name (the HDF5 path the leaf would have), dtype, shape, offset and size in the
-        pack. Readers never use it: the manifest is the authority."""
-        names = np.array(self.names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
-        table = np.empty(len(names), dtype=[
-            ("name", names.dtype), ("dtype", "S16"), ("shape", "S64"), ("offset", "<u8"), ("nbytes", "<u8"),
-        ])
-        table["name"] = names
-        nodes = self.nodes
-        table["dtype"] = [node["dtype"] for node in nodes]
-        # Each shape as JSON ("[3, 4]"): one dump of them all, cut apart by one regex.
-        table["shape"] = _JSON_LISTS.findall(json.dumps([node["shape"] for node in nodes])[1:-1])
-        table["offset"] = [node["at"] for node in nodes]
-        table["nbytes"] = self.sizes
-        return table
+def _pack_index(packing: _Packing) -> np.ndarray[Any, Any]:
+    """A table of the packed leaves for people reading the file with h5py or HDFView:
+    name (the HDF5 path the leaf would have), dtype, shape (JSON), offset and size in
+    the pack. Readers never use it: the manifest is the authority."""
+    names = np.array(packing.names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
+    table = np.empty(len(names), dtype=[
+        ("name", names.dtype), ("dtype", "S16"), ("shape", "S64"), ("offset", "<u8"), ("nbytes", "<u8"),
+    ])
+    table["name"] = names
+    table["dtype"] = packing.dtypes
+    table["shape"] = packing.shapes
+    table["offset"] = packing.offsets
+    table["nbytes"] = packing.sizes
+    return table
 
 
-def _allocate(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> h5py.Dataset:
-    """A contiguous dataset whose file space is allocated now and never filled by HDF5."""
+_file_types: dict[np.dtype[Any], Any] = {}
+
+
+def _allocate(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int) -> int:
+    """Create a contiguous dataset (and the groups above it) whose file space is
+    allocated now and never filled by HDF5; return where its ``nbytes`` bytes start.
+
+    Through h5py's low-level API: its high-level ``create_dataset`` makes property
+    lists and wrappers costing about 0.1 ms a dataset.
+    """
+    tid = _file_types.get(dtype)
+    if tid is None:
+        tid = _file_types[dtype] = h5t.py_create(dtype, logical=True)
+    dsid = h5d.create(f.id, h5path.encode("ascii"), tid, h5s.create_simple(shape), dcpl=_DCPL, lcpl=_LCPL)
+    try:
+        offset = dsid.get_offset()
+        if nbytes and (offset is None or dsid.get_storage_size() != nbytes):
+            # Writing at a guessed offset would overwrite the file's own structure.
+            raise RuntimeError(f"HDF5 did not allocate {h5path} ({nbytes} bytes) when it was created")
+    finally:
+        dsid.close()
+    return int(offset or 0)
+
+
+def _property_lists() -> tuple[Any, Any]:
     dcpl = h5p.create(h5p.DATASET_CREATE)
     dcpl.set_layout(h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
-    return f.create_dataset(h5path, shape=shape, dtype=dtype, dcpl=dcpl)
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_create_intermediate_group(True)
+    lcpl.set_char_encoding(h5t.CSET_UTF8)
+    return dcpl, lcpl
 
 
-def _dataset_offset(ds: h5py.Dataset, h5path: str, nbytes: int) -> int:
-    """Where HDF5 allocated ``ds``'s ``nbytes`` bytes in the file."""
-    offset = ds.id.get_offset()
-    if nbytes and (offset is None or ds.id.get_storage_size() != nbytes):
-        # Writing at a guessed offset would overwrite the file's own structure.
-        raise RuntimeError(f"HDF5 did not allocate {h5path} ({nbytes} bytes) when it was created")
-    return int(offset or 0)
+_DCPL, _LCPL = _property_lists()
 
 
 def _write_slabs(
