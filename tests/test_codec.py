@@ -125,6 +125,85 @@ def test_random_dicts_round_trip_through_codec(tree: dict[str, Any]) -> None:
     assert manifest["step"] == 1
 
 
+def _new_values(tree: Any, rng: np.random.Generator) -> Any:
+    """A tree of the same structure (containers, keys, dtypes, shapes) with other values;
+    Python ints may cross into bigints and strings change length (other structures)."""
+    if type(tree) is dict:
+        return {key: _new_values(child, rng) for key, child in tree.items()}
+    if type(tree) in (list, tuple):
+        return type(tree)(_new_values(child, rng) for child in tree)
+    if isinstance(tree, (np.ndarray, np.generic)):
+        array = np.asarray(tree)
+        if array.dtype.kind == "b":
+            fresh = rng.integers(0, 2, array.shape).astype(bool)
+        else:
+            fresh = np.frombuffer(rng.bytes(array.nbytes), array.dtype).reshape(array.shape).copy()
+        return fresh if isinstance(tree, np.ndarray) else fresh[()]
+    if type(tree) is bool:
+        return not tree
+    if type(tree) is int:
+        return tree * 3 + 1
+    if type(tree) is float:
+        return float(rng.standard_normal())
+    if type(tree) is complex:
+        return complex(rng.standard_normal(), 1.0)
+    if type(tree) is str:
+        return tree[::-1] + "x" * int(rng.integers(0, 2))
+    if type(tree) is bytes:
+        return rng.bytes(len(tree) + int(rng.integers(0, 2)))
+    return tree
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, seed=st.integers(0, 2**32 - 1))
+def test_a_tree_saved_after_one_of_its_structure_stores_its_own_values(tree: Any, seed: int) -> None:
+    """The second tree reuses the first one's plan where the structure is the same (the
+    usual case in a training run); both files restore their own values exactly."""
+    other = _new_values(tree, np.random.default_rng(seed))
+    with tempfile.TemporaryDirectory() as directory:
+        first, second = Path(directory) / "1.h5", Path(directory) / "2.h5"
+        codec.write_file(first, tree, {"step": 1})
+        codec.write_file(second, other, {"step": 2})
+        assert_tree_equal(codec.read_file(first)[0], tree)
+        assert_tree_equal(codec.read_file(second)[0], other)
+        codec.verify_file(second)
+
+
+def test_a_plan_is_reused_only_for_a_tree_of_the_same_structure() -> None:
+    base = {"w": np.zeros((4, 3), np.float32), "b": np.ones(3, np.float32), "opt": {"step": 3, "name": "adam"}}
+    plan = codec.encode_tree(base).plan
+    same = {"w": np.full((4, 3), 7, np.float32), "b": np.arange(3, dtype=np.float32)[::-1],
+            "opt": {"step": 4, "name": "sgdm"}}
+    assert codec.encode_tree(same).plan is plan
+    different = {
+        "a key renamed": {**{"W" if k == "w" else k: v for k, v in base.items()}},
+        "keys in another order": {"b": base["b"], "w": base["w"], "opt": base["opt"]},
+        "a dtype": {**base, "b": np.ones(3, np.float64)},
+        "byte order": {**base, "b": np.ones(3, ">f4")},
+        "a shape": {**base, "w": np.zeros((3, 4), np.float32)},
+        "an int beyond int64": {**base, "opt": {"step": 2**64, "name": "adam"}},
+        "a string's length": {**base, "opt": {"step": 3, "name": "adamw"}},
+        "a list for a dict": {**base, "opt": [3, "adam"]},
+        "an array for a scalar": {**base, "opt": {"step": np.int64(3), "name": "adam"}},
+    }
+    for what, tree in different.items():
+        encoded = codec.encode_tree(tree)
+        assert encoded.plan is not plan, what
+        with tempfile.TemporaryDirectory() as directory:
+            codec.write_file(Path(directory) / "x.h5", tree, {"step": 1})
+            assert_tree_equal(codec.read_file(Path(directory) / "x.h5")[0], tree)
+
+
+def test_a_plan_is_not_reused_once_the_pack_threshold_changes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tree = {"small": np.arange(10.0), "also": np.arange(3)}
+    codec.write_file(tmp_path / "packed.h5", tree, {"step": 1})
+    monkeypatch.setattr(codec._format, "PACK_THRESHOLD", 0)
+    codec.write_file(tmp_path / "datasets.h5", tree, {"step": 1})
+    with h5py.File(tmp_path / "datasets.h5", "r") as f:
+        assert sorted(f["state"]) == ["also", "small"] and "ckptmgr_packed" not in f
+    assert_tree_equal(codec.read_file(tmp_path / "datasets.h5")[0], tree)
+
+
 # ------------------------------------------------------------------ explicit examples
 
 

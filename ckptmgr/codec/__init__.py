@@ -103,6 +103,7 @@ from h5py import h5a, h5d, h5fd, h5g, h5l, h5s, h5t
 
 from ..errors import CorruptCheckpointError
 from . import _format
+from ._encode import EncodedTree, encode_tree
 from ._format import (
     _KNOWN_LEAF_CHECKSUMS,
     _READ_SLAB_BYTES,
@@ -129,13 +130,11 @@ from ._format import (
 )
 from ._sidecar import decode_sidecar, encode_sidecar
 from ._tree import (
-    EncodedTree,
     Selection,
     SelectionError,
     _build,
     _validate_shape,
     describe_leaves,
-    encode_tree,
     iter_leaves,
     selection,
 )

@@ -13,6 +13,7 @@ import numpy as np
 from h5py import h5d, h5p, h5s, h5t
 
 from . import _format
+from ._encode import EncodedTree, EncodePlan, encode_tree
 from ._format import (
     _LEAF_CHECKSUMS,
     _SLAB_BYTES,
@@ -33,7 +34,6 @@ from ._format import (
     checksum,
     gc_paused,
 )
-from ._tree import EncodedTree, _Packing, encode_tree
 
 
 class Writeback(Protocol):
@@ -164,8 +164,7 @@ def _write_h5(
     """
     crc = _LEAF_CHECKSUMS[LEAF_CHECKSUM_NAME]
     progress = _Progress(writeback)
-    packing = encoded.packing
-    packed = encoded.packed if encoded.packed is not None else packing.fill()
+    plan = encoded.plan
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
                    alignment_interval=FILE_ALIGN) as f:
         f.require_group(STATE)
@@ -182,7 +181,7 @@ def _write_h5(
             checksums.append(_write_slabs(sink, offset, data, crc, progress))
         manifest = {key: value for key, value in meta.items() if key != "tree"}
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=encoded.nbytes)
-        if packing.count:
+        if plan.packed_count:
             manifest["pack"] = {"block": PACK_BLOCK}
         head = json.dumps(manifest, separators=(",", ":"), allow_nan=True)
         blob = f'{head[:-1]},"tree":{encoded.tree_json(checksums)}}}'.encode()
@@ -191,20 +190,21 @@ def _write_h5(
             # cannot be restored.
             raise ValueError(
                 f"Expected a state tree whose description (keys, types, shapes) fits in "
-                f"{_format.MAX_MANIFEST_BYTES} bytes. Received: {packing.count + len(encoded.leaves)} "
+                f"{_format.MAX_MANIFEST_BYTES} bytes. Received: {plan.packed_count + len(encoded.leaves)} "
                 f"leaves described in {len(blob)} bytes; store large collections of small values as arrays"
             )
         manifest_crc = checksum(blob)
         f.create_dataset(MANIFEST, data=np.frombuffer(blob, np.uint8))
         f.attrs["ckptmgr_format"] = FORMAT_VERSION
         f.attrs["ckptmgr_manifest_crc32"] = np.uint32(manifest_crc)
-        if packing.count:
+        if plan.packed_count:
             # Written last: each block's checksum starts from the manifest's, so the
             # packed bytes only verify under the manifest that describes them.
+            packed = encoded.pack()
             offset = _allocate(f, "/" + PACK, (packed.nbytes,), np.dtype(np.uint8), packed.nbytes)
             blocks = _write_pack(sink, offset, packed, progress, crc, manifest_crc)
             f.create_dataset(PACK_CRC, data=np.asarray(blocks, dtype="<u4"))
-            f.create_dataset(PACK_INDEX, data=_pack_index(packing))
+            f.create_dataset(PACK_INDEX, data=_pack_index(plan))
     return encoded.nbytes
 
 
@@ -226,19 +226,19 @@ def _write_pack(
     return blocks
 
 
-def _pack_index(packing: _Packing) -> np.ndarray[Any, Any]:
+def _pack_index(plan: EncodePlan) -> np.ndarray[Any, Any]:
     """A table of the packed leaves for people reading the file with h5py or HDFView:
     name (the HDF5 path the leaf would have), dtype, shape (JSON), offset and size in
     the pack. Readers never use it: the manifest is the authority."""
-    names = np.array(packing.names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
+    names = np.array(plan.index_names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
     table = np.empty(len(names), dtype=[
         ("name", names.dtype), ("dtype", "S16"), ("shape", "S64"), ("offset", "<u8"), ("nbytes", "<u8"),
     ])
     table["name"] = names
-    table["dtype"] = packing.dtypes
-    table["shape"] = packing.shapes
-    table["offset"] = packing.offsets
-    table["nbytes"] = packing.sizes
+    table["dtype"] = plan.index_dtypes
+    table["shape"] = plan.index_shapes
+    table["offset"] = plan.index_offsets
+    table["nbytes"] = plan.index_sizes
     return table
 
 
