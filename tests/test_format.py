@@ -23,6 +23,14 @@ from ckptmgr import CorruptCheckpointError, codec
 from ckptmgr.codec import _format
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1.h5"
+# Format 2 as first written (ckptmgr at 5d878bc): packed leaves placed one by one in
+# tree order, each dataset's HDF5 header just before its bytes; written by
+# ``codec.write_file(path, format2_tree(), {"step": 7, "time": 1764650000.0, "metrics": {"loss": 0.25}})``.
+FIXTURE_2 = Path(__file__).parent / "fixtures" / "format2.h5"
+
+
+def format2_tree() -> dict[str, Any]:
+    return {**format1_tree(), "wide": np.arange(65536, dtype=np.float32).reshape(256, 256)}
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -75,6 +83,26 @@ def test_a_format_1_file_still_restores_exactly(tmp_path: Path) -> None:
         assert_tree_equal(mgr.restore(7), format1_tree())
 
 
+def test_a_format_2_file_of_the_first_writer_still_restores_exactly(tmp_path: Path) -> None:
+    """Files written by format 2's first writer (5d878bc) restore, select, map and verify
+    with today's reader; a writer continuing the run writes files that restore alike."""
+    assert h5py.File(FIXTURE_2, "r").attrs["ckptmgr_format"] == 2
+    tree, manifest = codec.read_file(FIXTURE_2)
+    assert manifest["format"] == 2 and manifest["step"] == 7
+    assert_tree_equal(tree, format2_tree())
+    assert_tree_equal(codec.read_file(FIXTURE_2, mmap=True)[0], format2_tree())
+    codec.verify_file(FIXTURE_2)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURE_2, run / "ckpt-000000007.h5")
+    with ckptmgr.CheckpointManager(run) as mgr:
+        assert_tree_equal(mgr.restore(7, select="params/layer3"),
+                          {"params": {"layer3": format2_tree()["params"]["layer3"]}})
+        mgr.save(8, format2_tree())
+        assert_tree_equal(mgr.restore(8), format2_tree())
+        assert_tree_equal(mgr.restore(7), format2_tree())
+
+
 def test_an_unknown_format_version_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "x.h5"
     codec.write_file(path, {"w": np.ones(3)}, {"step": 1})
@@ -103,6 +131,9 @@ def test_small_leaves_are_packed_and_big_ones_are_page_aligned_datasets(tmp_path
         assert sorted(f["state"]) == ["at_threshold", "big"]
         for name in ("at_threshold", "big"):
             assert f[f"state/{name}"].id.get_offset() % _format.FILE_ALIGN == 0
+        # The datasets' headers lie together before their bytes (one read finds them).
+        headers = [h5py.h5o.get_info(f[f"state/{name}"].id).addr for name in ("at_threshold", "big")]
+        assert max(headers) < min(f[f"state/{name}"].id.get_offset() for name in ("at_threshold", "big"))
         names = sorted(row.decode() for row in f["ckptmgr_packed_index"]["name"])
         assert "/state/just_below" in names and "/state/mask" in names
     manifest = _manifest(path)

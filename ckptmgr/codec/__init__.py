@@ -746,6 +746,10 @@ def read_file(
         spec = manifest.pop("tree", None)
         crc = _leaf_checksum(manifest, where) if verify and not mmap else None
         leaves = _Leaves(f, manifest, crc, whole=select is None, mapped=mmap)
+        if select is None and not mmap and "pack" in manifest:
+            # The pack lies right after the manifest: read it now, while the disk is
+            # there, then the big leaves in the order they lie in the file.
+            leaves.buffer()
 
         def leaf_value(node: dict[str, Any], h5path: str) -> Any:
             array = leaves.array(node, h5path)

@@ -168,17 +168,33 @@ def _write_h5(
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
                    alignment_interval=FILE_ALIGN) as f:
         f.require_group(STATE)
-        checksums = []
-        for leaf in encoded.leaves:
+        # Every big leaf's dataset first, then their storage in order: their headers and
+        # the groups' tables then lie together at the start of the file, where a cold
+        # read finds them all in one go (between the arrays, each cost a read of its own).
+        checksums = [0] * len(encoded.leaves)
+        created = []
+        for position, leaf in enumerate(encoded.leaves):
             data = _stored(leaf.array)
             if data.ndim == 0:
                 # HDF5 never allocates a scalar dataset early: it writes this one itself
                 # (only when nothing is packed, PACK_THRESHOLD 0: 0-d leaves are tiny).
-                checksums.append(crc(_contiguous_bytes(data), 0))
+                checksums[position] = crc(_contiguous_bytes(data), 0)
                 f.create_dataset(leaf.h5path, data=data)
                 continue
-            offset = _allocate(f, leaf.h5path, data.shape, data.dtype, data.nbytes)
-            checksums.append(_write_slabs(sink, offset, data, crc, progress))
+            created.append((position, data, _create(f, leaf.h5path, data.shape, data.dtype)))
+        offsets = []
+        for position, data, dsid in created:
+            try:
+                offsets.append(_allocate(dsid, encoded.leaves[position].h5path, data))
+            finally:
+                dsid.close()
+        if created:
+            # Each allocating write went through HDF5's sieve buffer, which writes it out
+            # when the next write lands elsewhere (or at close): out now, before the
+            # arrays are written over it.
+            f.flush()
+        for (position, data, _dsid), offset in zip(created, offsets, strict=True):
+            checksums[position] = _write_slabs(sink, offset, data, crc, progress)
         manifest = {key: value for key, value in meta.items() if key != "tree"}
         manifest.update(format=FORMAT_VERSION, checksum=LEAF_CHECKSUM_NAME, nbytes=encoded.nbytes)
         if plan.packed_count:
@@ -201,7 +217,11 @@ def _write_h5(
             # Written last: each block's checksum starts from the manifest's, so the
             # packed bytes only verify under the manifest that describes them.
             packed = encoded.pack()
-            offset = _allocate(f, "/" + PACK, (packed.nbytes,), np.dtype(np.uint8), packed.nbytes)
+            dsid = _create(f, "/" + PACK, packed.shape, packed.dtype, _ALLOCATED)
+            try:
+                offset = _offset(dsid, "/" + PACK, packed.nbytes)
+            finally:
+                dsid.close()
             blocks = _write_pack(sink, offset, packed, progress, crc, manifest_crc)
             f.create_dataset(PACK_CRC, data=np.asarray(blocks, dtype="<u4"))
             f.create_dataset(PACK_INDEX, data=_pack_index(plan))
@@ -245,9 +265,10 @@ def _pack_index(plan: EncodePlan) -> np.ndarray[Any, Any]:
 _file_types: dict[np.dtype[Any], Any] = {}
 
 
-def _allocate(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int) -> int:
-    """Create a contiguous dataset (and the groups above it) whose file space is
-    allocated now and never filled by HDF5; return where its ``nbytes`` bytes start.
+def _create(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype[Any], dcpl: Any = None) -> Any:
+    """Create a contiguous dataset (and the groups above it) never filled by HDF5, its
+    file space allocated at its first write (see :func:`_allocate`), or at once with
+    ``dcpl=_ALLOCATED``.
 
     Through h5py's low-level API: its high-level ``create_dataset`` makes property
     lists and wrappers costing about 0.1 ms a dataset.
@@ -255,29 +276,48 @@ def _allocate(f: h5py.File, h5path: str, shape: tuple[int, ...], dtype: np.dtype
     tid = _file_types.get(dtype)
     if tid is None:
         tid = _file_types[dtype] = h5t.py_create(dtype, logical=True)
-    dsid = h5d.create(f.id, h5path.encode("ascii"), tid, h5s.create_simple(shape), dcpl=_DCPL, lcpl=_LCPL)
-    try:
-        offset = dsid.get_offset()
-        if nbytes and (offset is None or dsid.get_storage_size() != nbytes):
-            # Writing at a guessed offset would overwrite the file's own structure.
-            raise RuntimeError(f"HDF5 did not allocate {h5path} ({nbytes} bytes) when it was created")
-    finally:
-        dsid.close()
+    return h5d.create(f.id, h5path.encode("ascii"), tid, h5s.create_simple(shape), dcpl=dcpl or _UNALLOCATED,
+                      lcpl=_LCPL)
+
+
+def _allocate(dsid: Any, h5path: str, data: np.ndarray[Any, Any]) -> int:
+    """Make HDF5 allocate a dataset's file space; return where it starts.
+
+    HDF5 allocates a contiguous dataset's space whole at its first write: one element
+    is written, through HDF5's sieve buffer (the caller flushes it before writing the
+    array over it).
+    """
+    if data.nbytes:
+        space = dsid.get_space()
+        space.select_hyperslab((0,) * data.ndim, (1,) * data.ndim)
+        dsid.write(h5s.create_simple((1,)), space, np.zeros(1, data.dtype), mtype=_file_types[data.dtype])
+    return _offset(dsid, h5path, data.nbytes)
+
+
+def _offset(dsid: Any, h5path: str, nbytes: int) -> int:
+    """Where HDF5 allocated a dataset's ``nbytes`` bytes."""
+    offset = dsid.get_offset()
+    if nbytes and (offset is None or dsid.get_storage_size() != nbytes):
+        # Writing at a guessed offset would overwrite the file's own structure.
+        raise RuntimeError(f"HDF5 did not allocate {h5path} ({nbytes} bytes)")
     return int(offset or 0)
 
 
-def _property_lists() -> tuple[Any, Any]:
-    dcpl = h5p.create(h5p.DATASET_CREATE)
-    dcpl.set_layout(h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+def _property_lists() -> tuple[Any, Any, Any]:
+    dcpls = []
+    for alloc_time in (h5d.ALLOC_TIME_LATE, h5d.ALLOC_TIME_EARLY):
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_layout(h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(alloc_time)
+        dcpl.set_fill_time(h5d.FILL_TIME_NEVER)
+        dcpls.append(dcpl)
     lcpl = h5p.create(h5p.LINK_CREATE)
     lcpl.set_create_intermediate_group(True)
     lcpl.set_char_encoding(h5t.CSET_UTF8)
-    return dcpl, lcpl
+    return dcpls[0], dcpls[1], lcpl
 
 
-_DCPL, _LCPL = _property_lists()
+_UNALLOCATED, _ALLOCATED, _LCPL = _property_lists()
 
 
 def _write_slabs(
