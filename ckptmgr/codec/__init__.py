@@ -1,15 +1,17 @@
 """State trees to and from HDF5 files — the only package that knows HDF5.
 
-Modules: ``_format`` (constants, checksums, dtype names), ``_tree`` (a tree <-> its
-description and arrays; selections), ``_write`` (writing a file), this module (reading
-and verifying one), ``_sidecar`` (a payload's metadata file).
+Modules: ``_format`` (constants, checksums, dtype names), ``_encode`` (a tree -> its
+description, the arrays to store and where: a reusable plan), ``_tree`` (a manifest's
+tree -> its leaves, selections, the tree rebuilt), ``_write`` (writing a file), this
+module (reading and verifying one), ``_sidecar`` (a payload's metadata file).
 
 On-disk layout of one checkpoint file, format 2 (readable with plain h5py)::
 
     /                         attrs: ckptmgr_format = 2, ckptmgr_manifest_crc32 = <int>
     /ckptmgr_manifest         uint8 dataset: UTF-8 JSON manifest (see below)
     /ckptmgr_packed           uint8 dataset: every leaf under PACK_THRESHOLD (256 KiB)
-                              bytes, back to back, each at a multiple of its item size
+                              bytes, back to back in tree order, each at a multiple of
+                              its item size (at most 16), zeros in the gaps
     /ckptmgr_packed_crc       uint32 dataset: a checksum per 1 MiB of the pack
     /ckptmgr_packed_index     a table naming them for people (h5py, HDFView): name (the
                               path below), dtype, shape (JSON), offset, nbytes; readers
@@ -61,19 +63,27 @@ package is missing; both are read, so files of either kind (and every file writt
 before CRC-32C was adopted, all ``"crc32"``) stay readable and verified. The manifest's
 own ``ckptmgr_manifest_crc32`` and payload sidecars stay zlib CRC-32.
 
-Writing: HDF5 creates the datasets (space allocated at once, never filled) and writes
-its own metadata; the arrays' bytes are written with ``pwritev`` at the offsets HDF5
-allocated: the small leaves hundreds per call, big ones in slabs, each checksummed
-just before it is written, while it is in cache. A per-leaf HDF5 dataset cost about
-70 us to create and 40 us to read back, which made a state of 20,000 small tensors
-take seconds; packed, it costs a few microseconds a leaf. The disk starts on the data
-while the rest is still being copied (the storage layer's writeback, injected): on
-each 4 MiB of the first 32 MiB as soon as it is written, then every 32 MiB.
+Writing: encoding a tree (``_encode``) settles everything but the bytes: the manifest's
+description of the tree (as JSON text), where each packed leaf lies, which leaves are
+datasets of their own. That plan depends only on the tree's structure, which a training
+run keeps from save to save: the next tree of the same structure reuses it, told apart
+by a few C-level passes per container instead of Python work per leaf. The small leaves
+are copied into the pack with one ``np.concatenate`` per run of one dtype. HDF5 creates
+the datasets, the big leaves' all first (their headers and the groups' tables then lie
+together at the start of the file, where a cold read finds them in one go), allocates
+their space (never filled) and writes its own metadata; the arrays' bytes are written
+with ``pwritev`` at the offsets HDF5 allocated: the pack in a few large writes, big
+leaves in slabs, each checksummed just before it is written, while it is in cache. A
+per-leaf HDF5 dataset cost about 70 us to create and 40 us to read back, which made a
+state of 20,000 small tensors take seconds; packed, with a plan, a leaf costs well under
+a microsecond of Python. The disk starts on the data while the rest is still being
+copied (the storage layer's writeback, injected): on each 4 MiB of the first 32 MiB as
+soon as it is written, then every 32 MiB.
 
-Reading goes the other way. The pack is read in one pass into one buffer, and its
-leaves are views of it (``select`` reads only the selected leaves); each is verified.
-A big leaf whose bytes HDF5 would copy unchanged (a plain
-contiguous dataset) is read with pread straight from the descriptor HDF5 opened,
+Reading goes the other way. The pack, which lies right after the manifest, is read next
+in one pass into one buffer, and its leaves are views of it (``select`` reads only the
+selected leaves); each is verified. A big leaf whose bytes HDF5 would copy unchanged (a
+plain contiguous dataset) is read with pread straight from the descriptor HDF5 opened,
 into its final array, in 1 MiB slabs each checksummed while it is still in cache, so
 verifying costs a few percent of the read. Other leaves (bools, compact datasets, a
 non-default HDF5 driver) go through HDF5's own read.

@@ -157,10 +157,10 @@ def _write_h5(
 ) -> int:
     """Write format 2: small leaves packed into one dataset, big ones one dataset each.
 
-    HDF5 only creates the datasets (allocated at once, never filled) and writes its own
-    metadata; the arrays' bytes go to the file with ``pwritev`` at the offsets HDF5
+    HDF5 only creates the datasets (their space allocated, never filled) and writes its
+    own metadata; the arrays' bytes go to the file with ``pwritev`` at the offsets HDF5
     allocated: the pack (its leaves copied into one buffer, one ``np.concatenate`` per
-    dtype) in a few large writes, each big leaf in slabs.
+    run of one dtype) in a few large writes, each big leaf in slabs.
     """
     crc = _LEAF_CHECKSUMS[LEAF_CHECKSUM_NAME]
     progress = _Progress(writeback)
@@ -172,21 +172,20 @@ def _write_h5(
         # the groups' tables then lie together at the start of the file, where a cold
         # read finds them all in one go (between the arrays, each cost a read of its own).
         checksums = [0] * len(encoded.leaves)
-        created = []
-        for position, leaf in enumerate(encoded.leaves):
-            data = _stored(leaf.array)
-            if data.ndim == 0:
-                # HDF5 never allocates a scalar dataset early: it writes this one itself
-                # (only when nothing is packed, PACK_THRESHOLD 0: 0-d leaves are tiny).
-                checksums[position] = crc(_contiguous_bytes(data), 0)
-                f.create_dataset(leaf.h5path, data=data)
-                continue
-            created.append((position, data, _create(f, leaf.h5path, data.shape, data.dtype)))
-        offsets = []
-        for position, data, dsid in created:
-            try:
-                offsets.append(_allocate(dsid, encoded.leaves[position].h5path, data))
-            finally:
+        created: list[tuple[int, np.ndarray[Any, Any], Any]] = []
+        try:
+            for position, leaf in enumerate(encoded.leaves):
+                data = _stored(leaf.array)
+                if data.ndim == 0:
+                    # HDF5 never allocates a scalar dataset early: it writes this one itself
+                    # (only when nothing is packed, PACK_THRESHOLD 0: 0-d leaves are tiny).
+                    checksums[position] = crc(_contiguous_bytes(data), 0)
+                    f.create_dataset(leaf.h5path, data=data)
+                    continue
+                created.append((position, data, _create(f, leaf.h5path, data.shape, data.dtype)))
+            offsets = [_allocate(dsid, encoded.leaves[position].h5path, data) for position, data, dsid in created]
+        finally:
+            for _position, _data, dsid in created:
                 dsid.close()
         if created:
             # Each allocating write went through HDF5's sieve buffer, which writes it out
