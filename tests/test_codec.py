@@ -194,6 +194,20 @@ def test_a_plan_is_reused_only_for_a_tree_of_the_same_structure() -> None:
             assert_tree_equal(codec.read_file(Path(directory) / "x.h5")[0], tree)
 
 
+def test_a_kept_plan_holds_no_array_of_the_trees_it_was_made_for(tmp_path: Path) -> None:
+    """Plans are kept per process: they must not keep a saved state's memory alive."""
+    import weakref
+
+    big, small = np.ones(1 << 20, np.float32), np.ones(7, np.float32)  # a dataset of its own; packed
+    refs = [weakref.ref(big), weakref.ref(small)]
+    codec.write_file(tmp_path / "x.h5", {"big": big, "small": small, "n": 3}, {"step": 1})
+    del big, small
+    assert [ref() for ref in refs] == [None, None]
+    # ... though its plan is kept: a tree of the same structure reuses it.
+    same = {"big": np.zeros(1 << 20, np.float32), "small": np.zeros(7, np.float32), "n": 4}
+    assert codec.encode_tree(same).plan is codec.encode_tree({**same, "n": 5}).plan
+
+
 def test_a_plan_is_not_reused_once_the_pack_threshold_changes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     tree = {"small": np.arange(10.0), "also": np.arange(3)}
     codec.write_file(tmp_path / "packed.h5", tree, {"step": 1})
