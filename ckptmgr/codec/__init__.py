@@ -72,7 +72,7 @@ are copied into the pack with one ``np.concatenate`` per run of one dtype. HDF5 
 the datasets, the big leaves' all first (their headers and the groups' tables then lie
 together at the start of the file, where a cold read finds them in one go), allocates
 their space (never filled) and writes its own metadata; the arrays' bytes are written
-with ``pwritev`` at the offsets HDF5 allocated: the pack in a few large writes, big
+with ``pwrite`` at the offsets HDF5 allocated: the pack in a few large writes, big
 leaves in slabs, each checksummed just before it is written, while it is in cache. A
 per-leaf HDF5 dataset cost about 70 us to create and 40 us to read back, which made a
 state of 20,000 small tensors take seconds; packed, with a plan, a leaf costs well under

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import h5py
@@ -158,7 +158,7 @@ def _write_h5(
     """Write format 2: small leaves packed into one dataset, big ones one dataset each.
 
     HDF5 only creates the datasets (their space allocated, never filled) and writes its
-    own metadata; the arrays' bytes go to the file with ``pwritev`` at the offsets HDF5
+    own metadata; the arrays' bytes go to the file with ``pwrite`` at the offsets HDF5
     allocated: the pack (its leaves copied into one buffer, one ``np.concatenate`` per
     run of one dtype) in a few large writes, each big leaf in slabs.
     """
@@ -232,16 +232,10 @@ def _write_pack(
     crc: Callable[[Any, int], int], seed: int,
 ) -> list[int]:
     """Write the pack at ``offset`` in slabs; return the checksum of each PACK_BLOCK bytes
-    (each started from ``seed``), computed just before its slab is written."""
+    (each started from ``seed``). Slabs are whole blocks but the last."""
     blocks: list[int] = []
-    start, total = 0, packed.nbytes
-    while start < total:
-        stop = min(start + progress.slab_bytes(), total)  # slabs are whole blocks
-        for block in range(start, stop, PACK_BLOCK):
-            blocks.append(crc(packed[block:min(block + PACK_BLOCK, stop)], seed))
-        sink.pwritev([packed[start:stop]], offset + start)
-        progress.wrote(stop - start)
-        start = stop
+    for slab in _slabs(sink, offset, packed, progress):
+        blocks += [crc(slab[start:start + PACK_BLOCK], seed) for start in range(0, slab.nbytes, PACK_BLOCK)]
     return blocks
 
 
@@ -323,32 +317,25 @@ def _write_slabs(
     sink: _WriteSink, offset: int, data: np.ndarray[Any, Any], crc: Callable[[Any, int], int],
     progress: _Progress,
 ) -> int:
-    """Write a big C-ordered array at ``offset`` in slabs; return the checksum of its bytes.
-
-    Each slab is checksummed right before it is written, while it is in cache.
-    """
-    flat = data.reshape(-1).view(np.uint8)
+    """Write a big C-ordered array at ``offset`` in slabs; return the checksum of its bytes."""
     value = 0
-    start = 0
-    while start < flat.nbytes:
-        stop = min(start + progress.slab_bytes(), flat.nbytes)
-        value = crc(flat[start:stop], value)
-        sink.pwritev([flat[start:stop]], offset + start)
-        progress.wrote(stop - start)
-        start = stop
+    for slab in _slabs(sink, offset, data.reshape(-1).view(np.uint8), progress):
+        value = crc(slab, value)
     return value
 
 
-def _nbytes(buffer: Any) -> int:
-    return int(buffer.nbytes) if isinstance(buffer, np.ndarray) else len(buffer)
-
-
-def _flat_bytes(buffer: Any) -> Any:
-    """A C-contiguous array (any dtype and shape) or bytes, as a 1-D run of bytes."""
-    return buffer.reshape(-1).view(np.uint8) if isinstance(buffer, np.ndarray) else memoryview(buffer).cast("B")
-
-
-_IOV_BATCH = 512  # buffers per pwritev (the OS takes up to IOV_MAX, 1024 on Linux)
+def _slabs(
+    sink: _WriteSink, offset: int, flat: np.ndarray[Any, Any], progress: _Progress,
+) -> Iterator[np.ndarray[Any, Any]]:
+    """Write ``flat`` (bytes) at ``offset`` in slabs, yielding each one just before it is
+    written: the caller checksums it while it is in cache."""
+    start = 0
+    while start < flat.nbytes:
+        stop = min(start + progress.slab_bytes(), flat.nbytes)
+        yield flat[start:stop]
+        sink.pwrite(flat[start:stop], offset + start)
+        progress.wrote(stop - start)
+        start = stop
 
 
 class _WriteSink:
@@ -394,24 +381,19 @@ class _WriteSink:
         nbytes = memoryview(buffer).nbytes
         return int(self._guard(lambda: self._fh.write(buffer), nbytes))
 
-    def pwritev(self, buffers: list[Any], offset: int) -> None:
-        """Write ``buffers`` back to back at ``offset`` (all of them: short writes resumed)."""
+    def pwrite(self, buffer: np.ndarray[Any, Any], offset: int) -> None:
+        """Write a 1-D uint8 array at ``offset`` (all of it: short writes resumed)."""
         if self.error is not None:
             return
         fd = self._fh.fileno()
-        views = buffers  # 1-D uint8 arrays and bytes: buffers of bytes as they are
-        first = 0
+        view = buffer.data  # a memoryview of its bytes
         try:
-            while first < len(views):
-                done = os.pwritev(fd, views[first:first + _IOV_BATCH], offset)
+            while len(view):
+                done = os.pwrite(fd, view, offset)
                 if done <= 0:
-                    raise OSError(errno.EIO, f"pwritev wrote nothing at offset {offset}")
+                    raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
                 offset += done
-                while first < len(views) and done >= _nbytes(views[first]):
-                    done -= _nbytes(views[first])
-                    first += 1
-                if done:  # a short write: resume inside this buffer
-                    views = [*views[:first], _flat_bytes(views[first])[done:], *views[first + 1:]]
+                view = view[done:]
         except OSError as exc:
             self.error = exc
 
