@@ -23,9 +23,9 @@ from ckptmgr.coordinator import ThreadCoordinator
 
 
 def run_ranks(world: int, work: Callable[[ThreadCoordinator], Any], *, timeout: float = 20.0,
-              limit: float = 60.0) -> list[Any]:
+              limit: float = 60.0, kind: type[ThreadCoordinator] = ThreadCoordinator) -> list[Any]:
     """Run ``work(coordinator)`` on ``world`` threads; each result, or the exception it raised."""
-    group = ThreadCoordinator.group(world, timeout=timeout)
+    group = kind.group(world, timeout=timeout)
     results: list[Any] = [None] * world
 
     def target(c: ThreadCoordinator) -> None:
@@ -461,6 +461,39 @@ def test_async_saves_commit_at_the_next_collective_call(tmp_path: Path, sharded:
         assert steps == [2, 3]
 
 
+class _Rank0WritesFirst(ThreadCoordinator):
+    """Holds rank 1 after step 2's decision until rank 0 has written its part of step 2.
+
+    Rank 0's next collective call after that decision is its report, made once its part
+    is written (sync) or its background write joined (async). Without the hold the two
+    writes race, and rank 0's small part may meet the disk rank 1 has just filled.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written = threading.Event()  # group() gives its ranks one
+        self._decided = False
+
+    @classmethod
+    def group(cls, world_size: int, *, timeout: float = 20.0) -> list[ThreadCoordinator]:
+        ranks = super().group(world_size, timeout=timeout)
+        written = threading.Event()
+        for rank in ranks:
+            assert isinstance(rank, _Rank0WritesFirst)
+            rank.written = written
+        return ranks
+
+    def all_gather(self, value: Any) -> list[Any]:
+        if self.rank == 0 and self._decided:
+            self.written.set()
+        gathered = super().all_gather(value)
+        if isinstance(value, dict) and value.get("step") == 2 and "force" in value:  # step 2's decision
+            self._decided = True
+            if self.rank == 1:
+                assert self.written.wait(30), "rank 0 never reported its part of step 2"
+        return gathered
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_full_disk_at_one_rank_fails_the_step_on_every_rank_and_commits_nothing(
     tmpfs: tuple[Path, Callable[[str], None]], async_save: bool,
@@ -488,7 +521,7 @@ def test_a_full_disk_at_one_rank_fails_the_step_on_every_rank_and_commits_nothin
         mgr.close()
         return errors, steps
 
-    results = no_errors(run_ranks(2, work))
+    results = no_errors(run_ranks(2, work, kind=_Rank0WritesFirst))
     (errors0, steps0), (errors1, _) = results
     assert len(errors1) == 1 and isinstance(errors1[0], ckptmgr.CheckpointIOError)
     assert "No space left on device" in str(errors1[0])
