@@ -17,7 +17,7 @@ import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -331,6 +331,10 @@ def _flatten(tree: Tree) -> tuple[list[Any], list[np.ndarray[Any, Any]]] | None:
         visit(tree, 0)
     except (_Unplannable, RecursionError):
         return None
+    finally:
+        # visit calls itself through its closure: a cycle that would hold the arrays
+        # until the collector ran. Emptied, the cell breaks it.
+        visit = cast(Any, None)
     return signature, arrays
 
 
@@ -471,6 +475,8 @@ def _describe(tree: Tree, signature: list[Any] | None) -> tuple[EncodePlan, list
         raise ValueError(
             "Expected a state tree without cycles. Received: a tree too deep to walk"
         ) from exc
+    finally:
+        walk = cast(Any, None)  # it calls itself: without this, a cycle holding the arrays (as _flatten)
     run_plans = [_RunPlan(start, nbytes, convert, _take(indices)) for start, nbytes, indices, convert in runs]
     if signature is not None and not _same_leaves(signature, arrays):
         signature = None  # never expected: then this plan is just not reused

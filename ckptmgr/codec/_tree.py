@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..errors import CorruptCheckpointError
 from ..info import LeafInfo
@@ -142,7 +142,12 @@ def _build(
         if missing:
             raise SelectionError(f"No key {_keystr((*keys, missing[0]))} in {where}")
 
-    return build(spec, "/" + STATE, 0, select, ())
+    try:
+        return build(spec, "/" + STATE, 0, select, ())
+    finally:
+        # build calls itself through its closure: a cycle that would hold leaf_value, and
+        # through it the reader and its buffers, until the collector ran.
+        build = cast(Any, None)
 
 
 def describe_leaves(manifest: Mapping[str, Any], where: str) -> list[LeafInfo]:
