@@ -393,6 +393,8 @@ UNSUPPORTED = [
     pytest.param({"dd": _DictSub()}, "state['dd']", id="dict-subclass"),
     pytest.param({"k": {1: "x"}}, "state['k']", id="int-key"),
     pytest.param({"k": {"ok": {("t",): 1}}}, "state['k']['ok']", id="tuple-key"),
+    # Equal to the key of the state saved before it: refused all the same.
+    pytest.param({np.str_("ok"): 1}, "state", id="numpy-str-key"),
     pytest.param({"u": np.array(["text"])}, "state['u']", id="unicode-array"),
     pytest.param({"u": np.str_("x")}, "state['u']", id="numpy-str-scalar"),
     pytest.param({"t": np.datetime64("2024-01-01")}, "state['t']", id="datetime64"),
@@ -426,10 +428,50 @@ def test_too_deep_and_cyclic_trees_raise_value_error() -> None:
         deep = [deep]
     with pytest.raises(ValueError, match=r"^Expected a state tree .* Received: "):
         codec.encode_tree(deep)
+    for leaf in (np.ones(3), 1.0):  # an array in a dict is described without a call per leaf
+        with pytest.raises(ValueError, match=r"^Expected a state tree at most 200 levels deep"):
+            codec.encode_tree(_nested(codec.MAX_DEPTH + 1, leaf))
     cyclic: list[Any] = []
     cyclic.append(cyclic)
     with pytest.raises(ValueError, match=r"^Expected a state tree"):
         codec.encode_tree(cyclic)
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    """``leaf`` at ``depth`` levels down: {"k": {"k": ... leaf}}."""
+    for _ in range(depth):
+        leaf = {"k": leaf}
+    return leaf
+
+
+def test_the_deepest_tree_written_is_read_and_verified(tmp_path: Path) -> None:
+    for i, leaf in enumerate((np.ones(3), 1.0, np.ones(2**16))):
+        tree = _nested(codec.MAX_DEPTH, leaf)
+        codec.write_file(tmp_path / f"{i}.h5", tree, {"step": 1})
+        assert_tree_equal(codec.read_file(tmp_path / f"{i}.h5")[0], tree)
+        codec.verify_file(tmp_path / f"{i}.h5")
+
+
+@pytest.mark.parametrize("leaf", [
+    np.arange(2**16, dtype=np.float64), np.arange(5, dtype=np.float32), np.float32(2.5), 7, "x" * 300_000,
+    b"\0" * 300_000, None,
+], ids=["big-array", "small-array", "npscalar", "int", "big-str", "big-bytes", "none"])
+def test_a_lone_leaf_is_a_whole_state(tmp_path: Path, leaf: Any) -> None:
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        for step in (1, 2):  # the second reuses the plan
+            mgr.save(step, leaf)
+        assert_tree_equal(mgr.restore(), leaf)
+        assert_tree_equal(mgr.restore(1, mmap=True), leaf)
+        mgr.verify(2)
+
+
+def test_the_pack_index_names_long_dtypes_and_shapes_whole(tmp_path: Path) -> None:
+    tree = {"f8": np.ones(3, ml_dtypes.float8_e4m3b11fnuz), "deep": np.ones((1,) * 32)}
+    codec.write_file(tmp_path / "x.h5", tree, {"step": 1})
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        rows = {row["name"].decode(): row for row in f["ckptmgr_packed_index"][()]}
+    assert rows["/state/f8"]["dtype"].decode() == "float8_e4m3b11fnuz"
+    assert json.loads(rows["/state/deep"]["shape"]) == [1] * 32
 
 
 def test_a_tree_whose_manifest_readers_would_refuse_is_not_written(

@@ -473,7 +473,7 @@ def _read_leaf(
         _check_dataset_storage(ds, nbytes, where, h5path)
         offset = (_direct_offset(ds, stored_dtype, nbytes, f, h5path)
                   if as_is and (fd is not None or mapped is not None) and nbytes else None)
-        if mapped is not None and offset is not None:
+        if mapped is not None and offset is not None and offset % dtype.alignment == 0:
             return mapped[offset:offset + nbytes].view(dtype).reshape(shape)
         out = np.empty(shape, dtype)
         if fd is not None and offset is not None:  # mapped is None here
@@ -486,6 +486,8 @@ def _read_leaf(
         ds.close()
     if crc is not None and value != node.get("crc"):
         raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
+    if mapped is not None:
+        out.flags.writeable = False  # read in place of a mapping: read-only as one
     return out
 
 
@@ -589,7 +591,7 @@ class _Leaves:
         base, size = self._pack or self.pack()
         if type(at) is not int or at < 0 or at + nbytes > size:
             raise CorruptCheckpointError(f"{where}: {h5path} lies outside the packed leaves ({at!r})")
-        if self.map is not None:
+        if self.map is not None and (base + at) % dtype.alignment == 0:
             raw = self.map[base + at:base + at + nbytes]
         elif self.whole:
             buffer = self._buffer if self._buffer is not None else self.buffer()
@@ -599,9 +601,14 @@ class _Leaves:
                 raise CorruptCheckpointError(f"{where}: checksum mismatch in {h5path}")
         else:
             raw = self._read_packed(at, nbytes, h5path)
+        if self.map is not None:
+            out: np.ndarray[Any, Any] = raw.view(dtype).reshape(shape)
+            out.flags.writeable = False  # mapped, or (where not aligned) read in its place
+            return out
         if dtype.kind == "b" and self.crc is None:
             # Stored as bytes 0/1; an unverified read must not make other bools.
-            return np.not_equal(raw, 0).reshape(shape) if self.map is None else raw.view(dtype).reshape(shape)
+            flags: np.ndarray[Any, Any] = np.not_equal(raw, 0)
+            return flags.reshape(shape)
         return raw.view(dtype).reshape(shape)
 
     def quick(self, node: dict[str, Any]) -> np.ndarray[Any, Any] | None:
@@ -624,6 +631,8 @@ class _Leaves:
         if at < 0 or at + nbytes > size or self.claimed + nbytes > self.filesize:
             return None
         if self.map is not None:
+            if (base + at) % dtype.alignment:
+                return None  # a small pack HDF5 did not align: array() copies it
             array = np.ndarray(shape, dtype, self.map, base + at)
         else:
             buffer = self._buffer if self._buffer is not None else self.buffer()
@@ -695,6 +704,8 @@ class _Leaves:
                 _pread_checked(fd, base + start, part, None, self.f.where, "/" + PACK)
                 if self.crc is not None and not self._block_ok(index, part):
                     self.bad_blocks.add(index)
+            if self.map is not None:
+                buffer.flags.writeable = False  # read in place of a mapping: read-only as one
             self._buffer = buffer
         return self._buffer
 

@@ -282,6 +282,7 @@ class _Unplannable(Exception):
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
 _JUST_ARRAYS = {np.ndarray}
+_JUST_STR = {str}
 
 
 def _flatten(tree: Tree) -> tuple[list[Any], list[np.ndarray[Any, Any]]] | None:
@@ -302,8 +303,13 @@ def _flatten(tree: Tree) -> tuple[list[Any], list[np.ndarray[Any, Any]]] | None:
         if vtype is dict or vtype is list or vtype is tuple:
             if depth >= MAX_DEPTH:
                 raise _Unplannable
-            children = list(value.values()) if vtype is dict else value
-            keys = tuple(value) if vtype is dict else len(value)
+            keys: tuple[Any, ...] | int
+            if vtype is dict:
+                children, keys = list(value.values()), tuple(value)
+                if keys and set(map(type, keys)) != _JUST_STR:
+                    raise _Unplannable  # np.str_("a") == "a": _describe refuses such a key
+            else:
+                children, keys = value, len(value)
             if children and set(map(type, children)) == _JUST_ARRAYS:
                 signature.append(("arrays", vtype, keys, tuple(map(_dtype_of, children)),
                                   tuple(map(_shape_of, children))))
@@ -435,7 +441,7 @@ def _describe(tree: Tree, signature: list[Any] | None) -> tuple[EncodePlan, list
                 else:
                     path, head = f"{h5path}/~{position}", f"{comma}[{json.dumps(key)},"
                 comma = ","
-                if type(child) is ndarray:
+                if type(child) is ndarray and len(where) < MAX_DEPTH:
                     # The usual leaf, without a call to walk.
                     dtype_name = dtype_names.get(child.dtype) or _dtype_to_str(child.dtype)
                     if dtype_name is not None and child.ndim <= MAX_NDIM:

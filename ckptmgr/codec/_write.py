@@ -167,7 +167,8 @@ def _write_h5(
     plan = encoded.plan
     with h5py.File(sink, "w", locking=False, alignment_threshold=FILE_ALIGN_THRESHOLD,
                    alignment_interval=FILE_ALIGN) as f:
-        f.require_group(STATE)
+        if not (encoded.leaves and encoded.leaves[0].h5path == "/" + STATE):  # the root is no big leaf
+            f.require_group(STATE)
         # Every big leaf's dataset first, then their storage in order: their headers and
         # the groups' tables then lie together at the start of the file, where a cold
         # read finds them all in one go (between the arrays, each cost a read of its own).
@@ -233,6 +234,7 @@ def _write_pack(
 ) -> list[int]:
     """Write the pack at ``offset`` in slabs; return the checksum of each PACK_BLOCK bytes
     (each started from ``seed``). Slabs are whole blocks but the last."""
+    assert _START_BYTES % PACK_BLOCK == 0 and _SLAB_BYTES % PACK_BLOCK == 0  # else blocks would span slabs
     blocks: list[int] = []
     for slab in _slabs(sink, offset, packed, progress):
         blocks += [crc(slab[start:start + PACK_BLOCK], seed) for start in range(0, slab.nbytes, PACK_BLOCK)]
@@ -243,13 +245,16 @@ def _pack_index(plan: EncodePlan) -> np.ndarray[Any, Any]:
     """A table of the packed leaves for people reading the file with h5py or HDFView:
     name (the HDF5 path the leaf would have), dtype, shape (JSON), offset and size in
     the pack. Readers never use it: the manifest is the authority."""
-    names = np.array(plan.index_names, dtype="S")  # storage paths are ASCII (odd keys are "~N")
+    # Storage paths are ASCII (odd keys are "~N"); each column as wide as its longest entry.
+    names, dtypes, shapes = (np.array(column, dtype="S") for column in
+                             (plan.index_names, plan.index_dtypes, plan.index_shapes))
     table = np.empty(len(names), dtype=[
-        ("name", names.dtype), ("dtype", "S16"), ("shape", "S64"), ("offset", "<u8"), ("nbytes", "<u8"),
+        ("name", names.dtype), ("dtype", dtypes.dtype), ("shape", shapes.dtype), ("offset", "<u8"),
+        ("nbytes", "<u8"),
     ])
     table["name"] = names
-    table["dtype"] = plan.index_dtypes
-    table["shape"] = plan.index_shapes
+    table["dtype"] = dtypes
+    table["shape"] = shapes
     table["offset"] = plan.index_offsets
     table["nbytes"] = plan.index_sizes
     return table
