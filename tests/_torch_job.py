@@ -88,7 +88,9 @@ def kill_self_while_writing(directory: Path, min_bytes: int) -> None:
 
 def main() -> None:
     results, mode, ckpt_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
+    # The default group's timeout only bounds the ranks' meeting (imports may keep one
+    # late); the coordinator's collectives have their own group and TIMEOUT.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=max(TIMEOUT, 60)))
     c = ckpt_torch.TorchCoordinator(timeout=TIMEOUT)
     rank = c.rank
     out: dict[str, Any] = {"rank": rank, "world": c.world_size}

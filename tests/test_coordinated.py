@@ -9,6 +9,7 @@ SIGKILL) is in test_distributed_torch.py.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -260,18 +261,33 @@ def test_sharded_checkpoint_on_another_world_size_is_refused_naming_both(tmp_pat
         assert "saved by 2 ranks" in str(r) and "this job has 3" in str(r)
 
 
+class _Shortened(ThreadCoordinator):
+    """A rank whose timeout can be shortened once the slow part (fsyncs) is done."""
+
+    def shorten(self, seconds: float) -> None:
+        self._timeout = seconds  # CoordinatorBase: implementations set _timeout
+
+
 def test_a_rank_that_stops_calling_makes_the_others_raise_within_the_timeout(tmp_path: Path) -> None:
     def work(c: ThreadCoordinator) -> Any:
+        assert isinstance(c, _Shortened)
         mgr = ckptmgr.CheckpointManager(tmp_path, coordinator=c, sharded=True)
         mgr.save(1, shard(c.rank, 1))
+        c.barrier()
         if c.rank == 1:
             return "gone"  # exits before saving step 2
-        mgr.save(2, shard(c.rank, 2))
+        c.shorten(1.0)
+        started = time.monotonic()
+        try:
+            mgr.save(2, shard(c.rank, 2))
+        except ckptmgr.CoordinatorError as exc:
+            return exc, time.monotonic() - started
         return "saved"
 
-    results = run_ranks(2, work, timeout=1.0, limit=20)
+    results = run_ranks(2, work, limit=30, kind=_Shortened)
     assert results[1] == "gone"
-    assert isinstance(results[0], ckptmgr.CoordinatorError) and "rank(s) [1]" in str(results[0])
+    error, waited = results[0]
+    assert "rank(s) [1]" in str(error) and 1.0 <= waited < 15
     assert [c.step for c in ckptmgr.CheckpointManager(tmp_path, read_only=True).checkpoints] == [1]
 
 

@@ -40,13 +40,15 @@ WORKER = textwrap.dedent(
 
     import jax
     import numpy as np
+    # Imported before the ranks meet, so that neither's imports count against the
+    # other's collective timeouts.
+    from ckptmgr import CoordinatorError
+    from ckptmgr.adapters.jax import JaxCoordinator, to_tree
 
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,
         initialization_timeout=30, heartbeat_timeout_seconds=params.get("heartbeat", 100),
     )
-    from ckptmgr import CoordinatorError
-    from ckptmgr.adapters.jax import JaxCoordinator, to_tree
 
     result = {"rank": rank}
 
