@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -198,18 +200,31 @@ def run_torchrun(
     return result
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` TCP ports on 127.0.0.1 that were free a moment ago."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1, below the kernel's ephemeral range (so that
+    no client connection takes one as its local port before its server binds it, or while
+    the server is down for a restart)."""
+    low, high = 20000, 32000
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            ephemeral_low = int(fh.read().split()[0])
+        high = min(high, ephemeral_low)
+    rng = random.Random()
+    for _attempt in range(200):
+        ports = rng.sample(range(low, high), count)
+        sockets: list[socket.socket] = []
+        try:
+            for port in ports:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return ports
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} free ports found on 127.0.0.1 in [{low}, {high})")
 
 
 def run_workers(

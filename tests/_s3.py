@@ -27,11 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +37,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from _dist import free_ports
 
 WEED_ENV = "CKPTMGR_WEED"  # the path of a weed binary to use instead of the one found
 REGION = "us-east-1"
@@ -73,32 +73,6 @@ def hermetic_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str]
     )
     env.update(extra or {})
     return env
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1, below the kernel's ephemeral range (so that
-    no client connection takes one as its local port while the server is down for a restart)."""
-    low, high = 20000, 32000
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
-            ephemeral_low = int(fh.read().split()[0])
-        high = min(high, ephemeral_low)
-    rng = random.Random()
-    for _attempt in range(200):
-        ports = rng.sample(range(low, high), count)
-        sockets: list[socket.socket] = []
-        try:
-            for port in ports:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return ports
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} free ports found on 127.0.0.1 in [{low}, {high})")
 
 
 def unique_bucket(prefix: str = "t") -> str:

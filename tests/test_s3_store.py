@@ -548,6 +548,7 @@ def test_a_lease_that_cannot_be_renewed_fails_check_then_recovers(make_store: An
         cut = time.monotonic()
         deadline = cut + ttl + 5
         while True:
+            called = time.monotonic()
             try:
                 lease.check()
             except DirectoryLockedError as exc:
@@ -555,9 +556,11 @@ def test_a_lease_that_cannot_be_renewed_fails_check_then_recovers(make_store: An
                 # The failed renewal's error, or none yet (botocore still backing off).
                 assert exc.__cause__ is None or isinstance(exc.__cause__, ObjectStoreError)
                 break
+            # No check passes once anyone could take the lease over (measured from the
+            # call, not its return: a stall of this thread after it proves nothing).
+            assert called - cut <= ttl, "check() passed after the lease could have expired"
             assert time.monotonic() < deadline, "check() kept passing without renewals"
             time.sleep(0.05)  # polling interval; the deadline bounds the wait
-        assert time.monotonic() - cut <= ttl  # before anyone could take it over
         s3_proxy.pass_through()
         deadline = time.monotonic() + ttl + 5
         while True:  # the next renewal gets through (nobody took it: If-Match proves it)
