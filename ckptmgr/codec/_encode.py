@@ -282,7 +282,6 @@ class _Unplannable(Exception):
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
 _JUST_ARRAYS = {np.ndarray}
-_JUST_STR = {str}
 
 
 def _flatten(tree: Tree) -> tuple[list[Any], list[np.ndarray[Any, Any]]] | None:
@@ -306,7 +305,7 @@ def _flatten(tree: Tree) -> tuple[list[Any], list[np.ndarray[Any, Any]]] | None:
             keys: tuple[Any, ...] | int
             if vtype is dict:
                 children, keys = list(value.values()), tuple(value)
-                if keys and set(map(type, keys)) != _JUST_STR:
+                if operator.countOf(map(type, keys), str) != len(keys):
                     raise _Unplannable  # np.str_("a") == "a": _describe refuses such a key
             else:
                 children, keys = value, len(value)
