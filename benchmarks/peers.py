@@ -637,8 +637,11 @@ class Row:
 class StateRun:
     """One state: its arrays, the candidates' payloads, and every row's measurements."""
 
-    def __init__(self, spec: StateSpec, cands: list[Candidate], work: Path, cold: bool, memory: bool) -> None:
+    def __init__(
+        self, spec: StateSpec, cands: list[Candidate], work: Path, cold: bool, memory: bool, settle: bool = False,
+    ) -> None:
         self.spec = spec
+        self.settle = settle
         self.state = make_state(spec)
         self.nbytes = sum(a.nbytes for a in self.state.values())
         self.work = work / f"state-{spec.key}"
@@ -719,6 +722,8 @@ class StateRun:
         prefault(self.state)
         if c.touch is not None:
             c.touch(self.payloads[c.key])
+        if self.settle:
+            os.sync()  # what the rows before wrote goes to the disk first, untimed
         self.ready()
         t, saved = c.save(self.payloads[c.key], self.work, rep)
         row = self.rows[c.row]
@@ -862,7 +867,8 @@ def report(res: dict[str, Any]) -> list[str]:
         "peer's own call + an fsync of each file and directory it wrote.",
         "- Times are **medians** of interleaved repetitions (the candidate order rotates every repetition); "
         "every save writes a fresh file; every restore was checked once (untimed) to return arrays equal "
-        "to the saved ones (dtype, shape, values).",
+        "to the saved ones (dtype, shape, values)"
+        + ("; `os.sync()` ran (untimed) before every save (--settle)." if res.get("settle") else "."),
         "- **warm**: the checkpoint's files are in the page cache; **cold**: `posix_fadvise(DONTNEED)` on "
         "every file of the checkpoint (after an fsync) just before the read. Check on this disk: a "
         f"{cc['bytes'] // MiB} MiB file read in {fmt_t(cc['warm_s'])} warm, {fmt_t(cc['cold_s'])} after the "
@@ -947,6 +953,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also Orbax (its JAX/tensorstore threads stay in the process and slow the rows after it)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold restores")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--settle", action="store_true",
+                   help="os.sync() before every timed save (a disk that throttles after a burst then "
+                        "charges each save less for the writes of the rows before it)")
     p.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default benchmarks/results)")
     p.add_argument("--out", default=str(HERE / "results"), help="where peers.md and peers.json go")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -994,6 +1003,7 @@ def main(argv: list[str]) -> int:
         "command": " ".join([".venv/bin/python", "benchmarks/peers.py", *argv]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cold": not args.no_cold,
+        "settle": args.settle,
         "environment": environment(work),
         "states": {},
     }
@@ -1005,7 +1015,7 @@ def main(argv: list[str]) -> int:
             log(f"state {spec.key}: {spec.what}, {reps} repetitions")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the peers' deprecation chatter
-                run = StateRun(spec, cands, work, not args.no_cold, not args.no_memory)
+                run = StateRun(spec, cands, work, not args.no_cold, not args.no_memory, args.settle)
                 run.run(reps)
             res["states"][spec.key] = run.result(reps)
             del run
