@@ -5,12 +5,14 @@ Async: ``save()`` encodes the tree once in the caller's thread (validating it, s
 tree raises at the call), copies its arrays (into the previous snapshot's arrays where
 shapes match: no allocation, so the copy runs at memcpy speed), and returns; the write and commit run on
 one background thread, one save at a time. The next ``save()``, ``wait()`` and
-``close()`` wait for the write in flight and raise its error; interpreter exit flushes it.
+``close()`` wait for the write in flight and raise its error; interpreter exit flushes it
+(and prints its error on stderr: no caller is left to raise it to).
 """
 
 from __future__ import annotations
 
 import atexit
+import sys
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +30,7 @@ class SaveWriter:
         self._directory = directory
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Any] | None = None
+        self._in_flight: list[tuple[int, Future[Any]]] = []  # shared with the exit hook
         self._on_failure: Callable[[], None] | None = None
         self.pending_step: int | None = None
         # The last snapshot handed to the background writer; once written, the next
@@ -37,7 +40,8 @@ class SaveWriter:
         if background:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-writer")
             # Flush pending writes at interpreter exit even if close() was never called.
-            self._finalizer = weakref.finalize(owner, _flush_at_exit, self._executor)
+            self._finalizer = weakref.finalize(owner, _flush_at_exit, self._executor, self._in_flight,
+                                               directory)
             atexit.register(self._finalizer)
 
     @property
@@ -72,6 +76,7 @@ class SaveWriter:
         self.wait()
         self._pending = self._executor.submit(commit)
         self.pending_step, self._on_failure = step, on_failure
+        self._in_flight[:] = [(step, self._pending)]
         return None
 
     def poll(self) -> None:
@@ -85,10 +90,12 @@ class SaveWriter:
         Raises:
             CheckpointError: it failed.
         """
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
-        exc = pending.exception()
+        exc = pending.exception()  # interrupted (Ctrl-C), the write stays pending: its error is not lost
+        self._pending = None
+        self._in_flight.clear()
         self.pending_step = None
         on_failure, self._on_failure = self._on_failure, None
         if exc is None:
@@ -113,5 +120,14 @@ class SaveWriter:
         self._spare = None
 
 
-def _flush_at_exit(executor: ThreadPoolExecutor) -> None:
+def _flush_at_exit(executor: ThreadPoolExecutor, in_flight: list[tuple[int, Future[Any]]],
+                   directory: Path | str) -> None:
+    """At interpreter exit (or when the manager is collected unclosed): finish the write
+    in flight; if it failed, say so on stderr, the only place left to say it."""
     executor.shutdown(wait=True)
+    for step, future in in_flight:
+        exc = future.exception()
+        if exc is not None:
+            print(f"ckptmgr: the background save of step {step} to {directory} failed, and nothing "
+                  f"was left to raise it to (close() or wait() were not called): {exc}", file=sys.stderr)
+    in_flight.clear()

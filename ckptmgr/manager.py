@@ -94,8 +94,9 @@ class CheckpointManager(CheckpointReader):
             ``save_every & OnImprovement()``).
         async_save: ``save()`` returns after an in-memory copy of the state; a
             background thread writes and commits it. The next ``save()`` (and
-            ``wait()``, ``close()``, interpreter exit) waits for the write in flight,
-            and raises its error if it failed. The copy's memory is kept until
+            ``wait()``, ``close()``) waits for the write in flight, and raises its
+            error if it failed; interpreter exit waits for it too, and prints its
+            error on stderr. The copy's memory is kept until
             ``close()`` and reused by the next save (arrays of the same shape and
             dtype), which then copies at memcpy speed instead of allocating anew.
         read_only: open for reading without taking the writer lock; ``save`` raises.

@@ -23,6 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -505,6 +507,77 @@ def test_disk_full_in_the_background_writer(tmpfs: tuple[Path, Callable[[str], N
     mgr.close()
     with CheckpointManager(mnt, read_only=True) as reader:
         assert_tree_equal(reader.restore(), state_for(len(saved), 40_000))
+
+
+def test_a_background_write_failing_at_interpreter_exit_is_reported_on_stderr(
+    tmpfs: tuple[Path, Callable[[str], None]],
+) -> None:
+    """No close() and no wait(): exit still finishes the write, and its error is printed."""
+    mnt, _ = tmpfs  # 4 MiB
+    script = (
+        "import sys, numpy as np, ckptmgr\n"
+        "mgr = ckptmgr.CheckpointManager(sys.argv[1], async_save=True)\n"
+        "mgr.save(1, {'w': np.ones(1000)})\n"
+        "mgr.save(2, {'w': np.ones(1 << 20)})  # 8 MiB: the disk is full before the end\n"
+        "print('returned', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "returned\n", done
+    assert f"the background save of step 2 to {mnt} failed" in done.stderr, done.stderr
+    assert "No space left on device" in done.stderr, done.stderr
+    with CheckpointManager(mnt, read_only=True) as reader:
+        assert [c.step for c in reader.checkpoints] == [1]
+
+
+def test_an_interrupted_wait_loses_no_error(tmp_path: Path) -> None:
+    """Ctrl-C while wait() blocks on a background write: the write goes on, and when it
+    fails, the next wait() raises its error (it used to be dropped)."""
+    import signal
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the temp file's fsync blocks, then fails
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and threading.current_thread().name.startswith(
+                "ckptmgr-writer"):
+            entered.set()
+            assert release.wait(60)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    mgr.save(1, {"w": np.ones(3)})
+    mgr.wait()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "fsync", fsync)
+            mgr.save(2, {"w": np.ones(3)})
+            assert entered.wait(60)
+            while True:  # until the interrupt lands inside wait(), which cannot return yet
+                signal.setitimer(signal.ITIMER_REAL, 0.2)
+                try:
+                    mgr.wait()
+                except KeyboardInterrupt as exc:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(exc.__traceback__)]
+                    if "wait" in frames[1:]:
+                        break
+            release.set()
+            with pytest.raises(CheckpointIOError, match="EIO"):
+                mgr.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+    assert [c.step for c in mgr.checkpoints] == [1]
+    mgr.save(3, {"w": np.ones(3)})
+    mgr.close()
+    assert [c.step for c in CheckpointManager(tmp_path, read_only=True).checkpoints] == [1, 3]
 
 
 def test_disk_full_is_survived_by_a_new_writer_too(tmpfs: tuple[Path, Callable[[str], None]]) -> None:
