@@ -365,9 +365,9 @@ class Hooks:
     """Interposes on the calls ckptmgr's commit protocol makes on a directory's files.
 
     Each call on a file in ``directory`` (or on the directory) gets a label, "KIND
-    CLASS": KIND is write, fsync, rename, unlink, open or index; CLASS says which
+    CLASS": KIND is write, fsync, rename, link, unlink, open or index; CLASS says which
     file (ckpt, tmp, payload, payload-tmp, commit, sidecar, index, index-tmp, dir;
-    a rename's is "SRC>DST"). ``before(n, label, path)`` and ``after(n, label)`` run
+    a rename's or a link's is "SRC>DST"). ``before(n, label, path)`` and ``after(n, label)`` run
     around the n-th such call (numbered from 0, over all threads); ``before`` may raise
     (an injected fault) or exit (a crash). Calls on other files pass straight through.
 
@@ -454,6 +454,7 @@ class Hooks:
         """Patch the functions with ``setattr`` (``monkeypatch.setattr``, or the builtin
         in a child process)."""
         real_replace, real_unlink, real_fsync, real_write = os.replace, os.unlink, os.fsync, os.write
+        real_link = os.link
         real_open, real_write_file, real_save_index = os.open, codec.write_file, storage.save_index
 
         def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
@@ -463,6 +464,11 @@ class Hooks:
 
         def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
             self.call("unlink", path, lambda: real_unlink(path, *args, **kwargs))
+
+        def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            s, d = self.classify(src), self.classify(dst)
+            cls = None if s is None and d is None else f"{s}>{d}"
+            self.call("link", dst, lambda: real_link(src, dst, *args, **kwargs), cls)
 
         def fsync(fd: Any) -> None:
             path = self.fd_path(fd) if isinstance(fd, int) else None
@@ -490,6 +496,7 @@ class Hooks:
 
         setattr(os, "replace", replace)
         setattr(os, "unlink", unlink)
+        setattr(os, "link", link)
         setattr(os, "fsync", fsync)
         setattr(os, "write", write)
         setattr(storage, "save_index", save_index)

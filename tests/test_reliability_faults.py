@@ -63,28 +63,35 @@ ERRNOS = [errno.EIO, errno.EACCES, errno.ENOSPC]
 METRICS = {1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2, 5: 0.1}
 
 
-def _checkpoint(kind: str, step: int) -> Any:
+def _checkpoint(kind: str, step: int, content: int | None = None) -> Any:
+    """Step ``step``'s checkpoint, holding ``content``'s state (a step saved again: other bytes)."""
+    content = step if content is None else content
     if kind == "native":
-        return state_for(step, 300)
-    data = payload_bytes(step, 5000)
+        return state_for(content, 300)
+    data = payload_bytes(content, 5000)
     return FilePayload(f"model-{step}.bin", lambda path: path.write_bytes(data))
 
 
-def _check_content(mgr: CheckpointManager, kind: str, step: int) -> None:
+def _check_content(mgr: CheckpointManager, kind: str, step: int, content: int | None = None) -> None:
     value = mgr.restore(step)
+    content = step if content is None else content
     if kind == "native":
-        assert_tree_equal(value, state_for(step, 300))
+        assert_tree_equal(value, state_for(content, 300))
     else:
-        assert value.read_bytes() == payload_bytes(step, 5000)
+        assert value.read_bytes() == payload_bytes(content, 5000)
 
 
 def _open(directory: Path, mode: str) -> CheckpointManager:
     return CheckpointManager(directory, keep=KeepLast(2), monitor=MONITOR, async_save=mode == "async")
 
 
-def _save(mgr: CheckpointManager, kind: str, step: int) -> None:
-    mgr.save(step, _checkpoint(kind, step), metrics={MONITOR: METRICS[step]})
+def _save(mgr: CheckpointManager, kind: str, step: int, content: int | None = None) -> None:
+    mgr.save(step, _checkpoint(kind, step, content), metrics={MONITOR: METRICS[step]})
     mgr.wait()
+
+
+# The save under test: step 3 (new), or step 2 saved again with step 3's bytes.
+SAVES = {"new": (3, 3), "again": (2, 3)}
 
 
 def _ours(directory: Path) -> set[str]:
@@ -116,11 +123,11 @@ def _hooks(directory: Path, monkeypatch: pytest.MonkeyPatch) -> Hooks:
     return hooks
 
 
-def _trace(template: Path, work: Path, kind: str, mode: str) -> list[str]:
+def _trace(template: Path, work: Path, kind: str, mode: str, save: str = "new") -> list[str]:
     directory = copy_directory(template, work)
     with _open(directory, mode) as mgr, pytest.MonkeyPatch.context() as patch:
         hooks = _hooks(directory, patch)
-        _save(mgr, kind, 3)
+        _save(mgr, kind, *SAVES[save])
         labels = list(hooks.labels)
     return labels
 
@@ -164,18 +171,19 @@ def _fail_at(target: int, code: int, *, cleanup_fails: bool) -> Callable[[int, s
 
 
 def _one_fault(template: Path, directory: Path, kind: str, mode: str, target: int, label: str, code: int,
-               *, cleanup_fails: bool, findings: Counter[str]) -> None:
+               *, cleanup_fails: bool, findings: Counter[str], save: str = "new") -> None:
     copy_directory(template, directory)
     mgr = _open(directory, mode)
     before_files = snapshot(directory, sorted(_ours(directory) - {".ckptmgr-index.json"}))
-    new_path = directory / (f"model-{3}.bin" if kind == "payload" else "ckpt-000000003.h5")
+    step, content = SAVES[save]
+    new_path = directory / (f"model-{step}.bin" if kind == "payload" else f"ckpt-{step:09d}.h5")
     error: CheckpointIOError | None = None
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hooks = _hooks(directory, patch)
         hooks.before = _fail_at(target, code, cleanup_fails=cleanup_fails)
         try:
-            _save(mgr, kind, 3)
+            _save(mgr, kind, step, content)
         except CheckpointIOError as exc:
             error = exc
     assert hooks.labels[target] == label, f"the save took another path: {hooks.labels}"
@@ -193,6 +201,13 @@ def _one_fault(template: Path, directory: Path, kind: str, mode: str, target: in
         assert left == [] or cleanup_fails, f"left behind: {left}"
         findings["failed with CheckpointIOError"] += 1
         findings["left behind (clean-up failing too), handled at the next open"] += bool(left)
+    elif save == "again" and label.startswith(("link", "unlink tmp")):
+        # Committed. What failed is giving the replaced file a second name until the
+        # commit is durable (only needed were that to fail too), or removing it then (a
+        # leftover the next open removes: checked below).
+        assert steps == [1, 2], steps
+        _check_content(mgr, kind, step, content)
+        findings["committed; the replaced file's second name failed, or its removal"] += 1
     else:
         # Committed; only deleting what retention let go may fail, and that warns.
         messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
@@ -216,17 +231,22 @@ def _one_fault(template: Path, directory: Path, kind: str, mode: str, target: in
     with _open(directory, "sync") as again:
         assert [n for n in listing(directory) if n.startswith(".ckpt-")] == []
         for info in again.checkpoints:
-            _check_content(again, kind, info.step)
+            _check_content(again, kind, info.step, content if error is None and info.step == step else None)
         assert again.latest is not None and again.latest.step == 4
     findings["usable afterwards"] += 1
 
 
+@pytest.mark.parametrize("save", list(SAVES))
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("kind", ["native", "payload"])
-def test_every_call_of_a_save_failing(templates: dict[str, Path], tmp_path: Path, kind: str, mode: str) -> None:
-    labels = _trace(templates[kind], tmp_path / "trace", kind, mode)
+def test_every_call_of_a_save_failing(templates: dict[str, Path], tmp_path: Path, kind: str, mode: str,
+                                      save: str) -> None:
+    """A new step, or the latest step saved again (replacing it): whatever call fails, the
+    earlier checkpoints, the replaced one included, are as they were."""
+    labels = _trace(templates[kind], tmp_path / "trace", kind, mode, save)
     ops = Counter(label.split()[0] for label in labels)
     assert {"open", "write", "fsync", "rename", "unlink"} <= set(ops), labels
+    assert ("link" in ops) == (save == "again"), labels
     findings: Counter[str] = Counter()
     failures = []
     for target in _targets(labels):
@@ -235,14 +255,15 @@ def test_every_call_of_a_save_failing(templates: dict[str, Path], tmp_path: Path
             directory = tmp_path / f"{target}-{code}"
             try:
                 _one_fault(templates[kind], directory, kind, mode, target, label, code, cleanup_fails=False,
-                           findings=findings)
+                           findings=findings, save=save)
             except AssertionError as exc:
                 failures.append(f"{label} (call {target}) failing with {errno.errorcode[code]}: {exc}")
             findings["faults injected"] += 1
             findings[f"injected: {label.split()[0]}"] += 1
             findings[f"injected: {errno.errorcode[code]}"] += 1
     assert failures == [], "\n".join(failures)
-    record("faults", f"every-call[{kind}-{mode}]", {"calls": len(labels), **findings})
+    record("faults", f"every-call[{kind}-{mode}]" + ("" if save == "new" else "-again"),
+           {"calls": len(labels), **findings})
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

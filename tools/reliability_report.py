@@ -126,6 +126,15 @@ FIXED: list[dict[str, str]] = [
         "fix": "One flush of HDF5's buffers after the allocating writes, before the arrays are written over them "
                "(test_small_leaves_are_packed_and_big_ones_are_page_aligned_datasets checks the layout).",
     },
+    {
+        "id": "F12", "where": "storage.write_atomic, storage.commit_payload", "found by": "test_every_call_of_a_save_failing[*-again] (fsync dir; rename commit>sidecar), after a review found it by reading",
+        "what": "Saving a step again (documented: it replaces the checkpoint; Keras' ModelCheckpoint saves one "
+                "file name over and over) when the directory fsync failed after the rename: F1's undo unlinked "
+                "the final name, which by then held the new file, so the earlier checkpoint was lost too.",
+        "fix": "The file a rename replaces is kept under a second name (a hard link, named as a temp file) "
+               "until the rename is durable, and put back if the commit fails; where there are no hard "
+               "links, the new, complete file stays rather than none.",
+    },
 ]
 
 # manager.py bugs (the lead's module): each is pinned by a test, strict-xfail while open.

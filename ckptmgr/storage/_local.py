@@ -165,7 +165,8 @@ def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -
 
     ``write`` must create ``tmp_path`` itself (exclusively). The temporary file is
     removed if anything fails, so no leftover stays behind and nothing that existed
-    before is touched.
+    before is touched: a file ``final_name`` replaced by the rename is put back when
+    the directory cannot be fsynced after it.
 
     Raises:
         CheckpointIOError: any OS error, naming the final path and the cause.
@@ -173,13 +174,17 @@ def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -
     """
     final = directory / final_name
     tmp = directory / f".ckpt-{secrets.token_hex(8)}.tmp"
+    kept: _Kept | None = None
     try:
         result = write(tmp)
         fsync_file(tmp)
+        kept = _Kept.aside(final)
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if kept is not None:
+            kept.drop()
         if isinstance(exc, OSError):
             raise io_error("Cannot write checkpoint", final, exc) from exc
         raise
@@ -188,10 +193,57 @@ def write_atomic(directory: Path, final_name: str, write: Callable[[Path], T]) -
     except OSError as exc:
         # The rename may not be durable. Undo it, so that a save that raised leaves no
         # checkpoint its caller does not know of (a crash before the undo leaves a
-        # complete one, as any crash after the rename does).
-        _discard(final)
+        # complete one, as any crash after the rename does), and puts back the one it
+        # replaced.
+        if not kept.put_back(final):
+            kept.drop()
         raise io_error("Cannot make checkpoint durable (fsync of directory)", final, exc) from exc
+    kept.drop()
     return result
+
+
+class _Kept:
+    """What a rename over ``final`` replaces, kept under a second name (a hard link,
+    named like a temp file: a crash leaves a leftover the next writer removes) until
+    the rename is durable, so that a commit that fails after it can be undone."""
+
+    def __init__(self, existed: bool, aside: Path | None) -> None:
+        self.existed, self._aside = existed, aside
+
+    @classmethod
+    def aside(cls, final: Path) -> _Kept:
+        if not os.path.lexists(final):
+            return cls(False, None)  # the usual case: a new name
+        aside = final.parent / f".ckpt-{secrets.token_hex(8)}.tmp"
+        try:
+            os.link(final, aside, follow_symlinks=False)
+        except OSError:
+            return cls(True, None)  # no hard links here (or no second name to be had)
+        return cls(True, aside)
+
+    def put_back(self, final: Path) -> bool:
+        """Undo the rename: the earlier file back under ``final``, or no file there.
+        False where that failed, or where there is no second name to put back: the new
+        file, complete, then stays (better than none)."""
+        try:
+            if self._aside is not None:
+                os.replace(self._aside, final)
+                # Renaming a name onto another of the same file does nothing (POSIX):
+                # the case where the rename to undo never happened.
+                self.drop()
+            elif self.existed:
+                return False
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+        except OSError:
+            return False
+        return True
+
+    def drop(self) -> None:
+        if self._aside is not None:
+            _discard(self._aside)
+            self._aside = None
 
 
 def file_checksum(path: Path, checksum: Callable[[bytes, int], int]) -> tuple[int, int]:
@@ -249,7 +301,10 @@ def commit_payload(
             record stays and the next writer finishes the commit, as after a crash.
     """
     final = directory / name
+    sidecar = directory / sidecar_name(name)
     commit = directory / f".ckpt-{secrets.token_hex(8)}.commit"
+    kept: _Kept | None = None
+    kept_sidecar: _Kept | None = None
     try:
         fsync_file(tmp)
         size, crc = file_checksum(tmp, checksum)
@@ -259,29 +314,35 @@ def commit_payload(
             os.fsync(fd)
         finally:
             os.close(fd)
+        # A payload saved again under its name: the earlier one and its metadata are
+        # kept aside until the commit is durable, to be put back if it fails.
+        kept, kept_sidecar = _Kept.aside(final), _Kept.aside(sidecar)
         os.replace(tmp, final)
     except BaseException as exc:
         _discard(tmp)
         _discard(commit)
+        for aside in (kept, kept_sidecar):
+            if aside is not None:
+                aside.drop()
         if isinstance(exc, OSError):
             raise io_error("Cannot write checkpoint", final, exc) from exc
         raise
-    sidecar = directory / sidecar_name(name)
     try:
         os.replace(commit, sidecar)
         fsync_directory(directory)
     except OSError as exc:
         # Undo, payload first: a crash in between leaves metadata without a payload,
         # which the next writer removes (or a commit record it discards).
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(final)
-        except OSError:
-            pass  # the record stays; the next writer finishes the commit
-        else:
+        if kept.put_back(final):
             _discard(commit)
-            _discard(sidecar)
+            if not kept_sidecar.put_back(sidecar):
+                _discard(sidecar)
+        # else: the record stays; the next writer finishes the commit
+        kept.drop()
+        kept_sidecar.drop()
         raise io_error("Cannot commit checkpoint", final, exc) from exc
+    kept.drop()
+    kept_sidecar.drop()
     return size, crc
 
 
