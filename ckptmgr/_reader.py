@@ -56,6 +56,10 @@ class CheckpointReader:
     def _apply_retention(self, *, delete: bool = True) -> list[CheckpointInfo]:
         raise NotImplementedError
 
+    def _pending_step(self) -> int | None:
+        """The step of a save still being written (a writer's business)."""
+        return None
+
     def _settle_pending(self) -> None:
         """Collective: conclude a save in flight before reading (a writer's business)."""
 
@@ -473,6 +477,19 @@ class CheckpointReader:
 
     def _after_restore(self, record: _Record) -> None:
         self._restored = record.info
-        # Resuming from a checkpoint resumes its metric history too.
-        if not self._read_only and record.meta.get("tracker") is not None:
+        # Resuming from the newest good checkpoint resumes its metric history too (after a
+        # fall back past corrupt ones, theirs is lost with them). Any other restore (an
+        # older step, "best", to evaluate it) leaves the run's history alone: the next
+        # save continues after the newest step, and rewinding the best would let
+        # retention delete the real one. rollback(step) is how a run continues from
+        # an earlier step, its history with it.
+        if not self._read_only and record.meta.get("tracker") is not None and self._is_newest_good(record.info.step):
             self._restore_tracker(record.meta["tracker"])
+
+    def _is_newest_good(self, step: int) -> bool:
+        with self._mutex:
+            pending = self._pending_step()
+            if pending is not None and pending > step:
+                return False
+            return not any(s > step and s not in self._skipped_corrupt and self._records[s].corrupt is None
+                           for s in self._catalog.steps)

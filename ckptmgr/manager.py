@@ -555,6 +555,9 @@ class CheckpointManager(CheckpointReader):
             step=step, latest=latest,
         )
 
+    def _pending_step(self) -> int | None:
+        return self._writer.pending_step
+
     def _forget_best(self, step: int, best_before: tuple[float | None, int | None]) -> None:
         # A step whose save failed must not stay the best: then best_only would never
         # save the model that was best (its retry would not improve on itself).

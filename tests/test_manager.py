@@ -430,6 +430,37 @@ def test_restart_keeps_best_value_best_step_and_patience(ckpt_dir: Path) -> None
         assert (mgr.tracker.best, mgr.tracker.best_step, mgr.tracker.wait) == (0.25, 6, 0)
 
 
+@pytest.mark.parametrize("which", [10, "best"])
+def test_restoring_an_older_checkpoint_leaves_the_runs_best_and_patience_alone(
+    ckpt_dir: Path, which: int | str,
+) -> None:
+    """Restoring step 10 (or the best) to look at it is no resume: the run goes on after
+    step 30 with its own history; taking step 10's would make 0.9 a new best and let
+    retention delete the real one (step 20)."""
+    with CheckpointManager(ckpt_dir, monitor="val_loss", keep=KeepLast(1) | KeepEvery(steps=100)) as mgr:
+        for step, loss in [(10, 1.0), (20, 0.5), (30, 0.8)]:
+            mgr.save(step, {"s": step}, metrics={"val_loss": loss})
+        assert mgr.tracker is not None
+        history = mgr.tracker.state_dict()
+        restored = mgr.restore(which)
+        assert restored == {"s": 10 if which == 10 else 20}
+        assert mgr.tracker.state_dict() == history
+        mgr.save(40, {"s": 40}, metrics={"val_loss": 0.9})
+        assert (mgr.tracker.best, mgr.tracker.best_step, mgr.tracker.wait) == (0.5, 20, 2)
+        assert [c.step for c in mgr.checkpoints] == [10, 20, 40]  # 10: every 100 steps; 20: the best
+
+
+def test_restoring_past_a_corrupt_newest_resumes_the_history_of_the_one_restored(ckpt_dir: Path) -> None:
+    with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr:
+        for step, loss in [(1, 0.5), (2, 0.3), (3, 0.2)]:
+            mgr.save(step, {"s": step}, metrics={"val_loss": loss})
+    newest = ckpt_dir / "ckpt-000000003.h5"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr, pytest.warns(CheckpointWarning, match="corrupt"):
+        assert mgr.restore() == {"s": 2}
+        assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.3, 2)
+
+
 def test_restart_with_another_monitor_starts_a_new_best(ckpt_dir: Path) -> None:
     with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr:
         mgr.save(1, {}, metrics={"val_loss": 0.5, "val_acc": 0.7})
