@@ -195,6 +195,8 @@ class CheckpointManager(CheckpointReader):
         self._last_save_time = clock()
         self._restored: CheckpointInfo | None = None
         self._skipped_corrupt: set[int] = set()  # steps restore() fell back past
+        # Saves not known to have committed: (best before, last save time before, own time).
+        self._unsaved: dict[int, tuple[tuple[float | None, int | None], float, float]] = {}
 
         self._dir: CheckpointDirectory | ObjectCheckpointDirectory
         if coordinator is None:
@@ -318,23 +320,49 @@ class CheckpointManager(CheckpointReader):
             return self._save_coordinated(step, state, metrics, force)
         self._check_step_order(step)
         self._writer.poll()  # a failed background write surfaces here, without blocking
+        pending = self._writer.pending_step
+        self._unsaved = {s: entry for s, entry in self._unsaved.items() if s == pending}
+        time_before = self._last_save_time
         wanted, meta, best_before = self._decide(step, metrics, force=force, stacklevel=3)
         if not (wanted or force):
             return None
         now = meta["time"]
         self._last_save_time = now
+        self._unsaved[step] = (best_before, time_before, now)
         path: Path | ObjectURL
-        if isinstance(state, FilePayload):
-            self._writer.wait()
-            tmp = self._dir.write_payload(state.name, state.write)
-            commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
-            path = Path(self._directory) / state.name
-        else:
-            tree = self._writer.prepare(state)
-            commit = lambda: self._commit_tree(step, tree, meta)  # noqa: E731
-            path = self._dir.tree_path(step)
-        info = self._writer.run(step, commit, lambda: self._forget_best(step, best_before))
+        try:
+            if isinstance(state, FilePayload):
+                self._writer.wait()
+                tmp = self._dir.write_payload(state.name, state.write)
+                commit: Callable[[], CheckpointInfo] = lambda: self._commit_payload(state.name, tmp, meta)  # noqa: E731
+                path = Path(self._directory) / state.name
+            else:
+                tree = self._writer.prepare(state)
+                commit = lambda: self._commit_tree(step, tree, meta)  # noqa: E731
+                path = self._dir.tree_path(step)
+            info = self._writer.run(step, commit, lambda: self._unsave(step))
+        except BaseException:
+            # A bad tree, the payload's writer failing, or the previous background
+            # write's error surfacing here: nothing of this step was saved.
+            self._unsave(step)
+            raise
         return info if info is not None else CheckpointInfo(step, path, metrics, now, 0)
+
+    def _unsave(self, step: int) -> None:
+        """Undo what deciding to save ``step`` changed, its save having failed: the step
+        must not stay the best (best_only would then never save the model that was
+        best: its retry would not improve on itself), nor its time the last save's (an
+        EverySeconds schedule would wait a whole interval more). In either order with
+        the save before it, whose failure may surface during this one."""
+        entry = self._unsaved.pop(step, None)
+        if entry is None:
+            return
+        best_before, time_before, at = entry
+        self._forget_best(step, best_before)
+        if self._last_save_time == at:
+            self._last_save_time = time_before
+        for later, (best, last, own) in self._unsaved.items():  # a later save decided after this one
+            self._unsaved[later] = (best_before if best[1] == step else best, time_before if last == at else last, own)
 
     def _decide(
         self, step: int, metrics: dict[str, float], *, force: bool, stacklevel: int,

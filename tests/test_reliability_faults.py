@@ -424,6 +424,75 @@ def test_failed_save_does_not_count_as_best(ckpt_dir: Path) -> None:
         assert mgr.best is not None and mgr.best.step == 2
 
 
+@pytest.mark.parametrize("how", ["bad tree (async)", "payload writer raising", "bad tree (sync)"])
+def test_a_save_failing_before_its_write_does_not_count_as_best_or_as_saved(ckpt_dir: Path, how: str) -> None:
+    """Failures in save() itself, before any write: the step is not the best (best_only
+    would never save that model again) and an EverySeconds schedule still counts from
+    the last checkpoint saved."""
+    now = [100.0]
+    with CheckpointManager(ckpt_dir, monitor="val_loss", best_only=True, save_every=ckptmgr.EverySeconds(60),
+                           async_save=how.endswith("(async)"), clock=lambda: now[0]) as mgr:
+        mgr.save(1, state_for(1, 100), metrics={"val_loss": 0.5})
+        mgr.wait()
+        now[0] = 200.0
+        if how == "payload writer raising":
+            def write(path: Path) -> None:
+                raise RuntimeError("the framework's save failed")
+
+            bad: Any = FilePayload("model.bin", write)
+        else:
+            bad = {"w": object()}
+        with pytest.raises((RuntimeError, TypeError)):
+            mgr.save(2, bad, metrics={"val_loss": 0.3})
+        assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.5, 1)
+        now[0] = 210.0  # 110 s after the last checkpoint, 10 s after the failed save
+        assert mgr.should_save(2, metrics={"val_loss": 0.3})
+        assert mgr.save(2, state_for(2, 100), metrics={"val_loss": 0.3}) is not None
+        mgr.wait()
+        assert mgr.best is not None and mgr.best.step == 2
+
+
+def test_the_previous_background_write_failing_during_a_save_undoes_both(ckpt_dir: Path) -> None:
+    """Step 2's background write fails while save(3) has already recorded 0.2 as the best:
+    neither step was saved, so the best is step 1 again, and both retries save."""
+    import threading
+
+    blocked, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # step 2's temp file: blocks until released, then fails
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and not blocked.is_set():
+            blocked.set()
+            assert release.wait(60)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    armed = [False]
+
+    def clock() -> float:  # save(3) decides (reads the clock) while step 2 is still in flight
+        if armed[0]:
+            release.set()
+        return 1000.0
+
+    with CheckpointManager(ckpt_dir, monitor="val_loss", best_only=True, async_save=True, clock=clock) as mgr:
+        mgr.save(1, state_for(1, 100), metrics={"val_loss": 0.5})
+        mgr.wait()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "fsync", fsync)
+            mgr.save(2, state_for(2, 100), metrics={"val_loss": 0.4})
+            assert blocked.wait(60)
+            armed[0] = True
+            with pytest.raises(CheckpointIOError, match="EIO"):
+                mgr.save(3, state_for(3, 100), metrics={"val_loss": 0.2})
+        assert release.is_set(), "save(3) never decided while step 2 was in flight: the case under test"
+        assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.5, 1)
+        assert [c.step for c in mgr.checkpoints] == [1]
+        for step, loss in [(2, 0.4), (3, 0.2)]:
+            assert mgr.save(step, state_for(step, 100), metrics={"val_loss": loss}) is not None
+            mgr.wait()
+        assert [c.step for c in mgr.checkpoints] == [1, 2, 3] and mgr.best is not None and mgr.best.step == 3
+
+
 def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a file the OS cannot read (EIO, EACCES) is an I/O error, not corruption:
     the manager does not skip past it as if it were damaged."""
