@@ -595,7 +595,11 @@ class CheckpointManager(CheckpointReader):
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
             pending = self._writer.pending_step
-            steps = [*self._catalog.steps[-1:], *([] if pending is None else [pending])]
+            # Not a checkpoint restore() fell back past, or known corrupt: the schedule
+            # counts from the newest good one (a resumed run saves that step again).
+            good = [s for s in self._catalog.steps
+                    if s not in self._skipped_corrupt and self._records[s].corrupt is None]
+            steps = [*good[-1:], *([] if pending is None else [pending])]
             last_step = max(steps) if steps else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
@@ -615,6 +619,7 @@ class CheckpointManager(CheckpointReader):
             replaced = [old for s in {step, same_file} if s is not None
                         and (old := self._catalog.remove(s)) is not None]
             self._catalog.add(record)
+            self._skipped_corrupt.discard(step)  # saved again: this one is good
             # The same step saved under another name: the new checkpoint replaces it.
             kept = set(record.files)
             stale = [f for old in replaced for f in old.files if f not in kept]

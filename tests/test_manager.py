@@ -461,6 +461,23 @@ def test_restoring_past_a_corrupt_newest_resumes_the_history_of_the_one_restored
         assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.3, 2)
 
 
+def test_a_schedule_resumed_past_a_corrupt_checkpoint_saves_that_step_again(ckpt_dir: Path) -> None:
+    """Step 30 is corrupt: the run resumes at 20, and EverySteps(10) counts from there
+    (it used to count from 30, leaving nothing good between 20 and 40)."""
+    with CheckpointManager(ckpt_dir, save_every=EverySteps(10)) as mgr:
+        for step in range(1, 31):
+            mgr.save(step, {"s": step})
+    newest = ckpt_dir / "ckpt-000000030.h5"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with CheckpointManager(ckpt_dir, save_every=EverySteps(10)) as mgr:
+        with pytest.warns(CheckpointWarning, match="corrupt"):
+            start = mgr.restore()["s"]
+        assert start == 20
+        saved = [step for step in range(start + 1, 41) if mgr.save(step, {"s": step}) is not None]
+        assert saved == [30, 40]
+        assert mgr.restore(30) == {"s": 30}
+
+
 def test_restart_with_another_monitor_starts_a_new_best(ckpt_dir: Path) -> None:
     with CheckpointManager(ckpt_dir, monitor="val_loss") as mgr:
         mgr.save(1, {}, metrics={"val_loss": 0.5, "val_acc": 0.7})
