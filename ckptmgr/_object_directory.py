@@ -251,19 +251,21 @@ class ObjectCheckpointDirectory:
         Data objects no marker references and unfinished uploads are a writer's that
         died or lost the lease; those older than half the ttl are removed (a dead
         holder stopped at least 2/3 of a ttl before its lease could be taken over).
+        Only names ckptmgr writes are considered: whatever else lies under ``data/``
+        (another program's files, its uploads) is left alone.
         """
         assert self._lease is not None
         margin = self._lease.ttl / 2
         try:
             self.read_records()
             referenced = {m.data for m in self._markers.values() if m.data is not None}
-            objects = self.store.list(DATA_PREFIX)
+            objects = [o for o in self.store.list(DATA_PREFIX) if _DATA_RE.fullmatch(o.name)]
             now = self.store.server_time()
             present = {o.name for o in objects}
             self._missing_data = referenced - present
             doomed = [o.name for o in objects if o.name not in referenced and now - o.last_modified > margin]
             self.store.delete(doomed)
-            self.store.abort_uploads(DATA_PREFIX, older_than=margin)
+            self.store.abort_uploads(DATA_PREFIX, older_than=margin, ours=_DATA_RE.fullmatch)
         except ObjectStoreError as exc:
             warnings.warn(f"ckptmgr: cannot clean up {self.url}: {exc}", CheckpointWarning, stacklevel=4)
 
@@ -501,7 +503,12 @@ class ObjectCheckpointDirectory:
         step saved again), or a marker's name (a marker that could not be read).
         Returns the failures by name, and the data objects left behind (their marker
         is gone: the checkpoint is deleted; the next writer's open removes them).
+
+        Raises:
+            DirectoryLockedError: this writer no longer holds the lease (another may be
+                writing there: nothing is deleted).
         """
+        self._check_lease()
         markers: dict[str, str] = {}  # marker -> the name asked for
         data: dict[str, str] = {}
         for given in names:
@@ -539,6 +546,12 @@ class ObjectCheckpointDirectory:
                     failures[given] = exc
         return failures, left
 
+    def _check_lease(self) -> None:
+        """Raise unless this writer still holds the lease: one that lost it (frozen,
+        cut off) must not delete what the writer that took over relies on."""
+        if self._lease is not None:
+            self._lease.check()
+
     def delete(self, names: list[str], *, stacklevel: int = 6) -> dict[str, OSError]:
         """Delete checkpoints' objects (see :meth:`_delete`); warn about each failure."""
         failures, left = self._delete(names)
@@ -562,7 +575,12 @@ class ObjectCheckpointDirectory:
 
     def remove_index_and_lock(self) -> None:
         """What delete_all leaves last: any marker and data object left, the index (the
-        lease goes at :meth:`release`)."""
+        lease goes at :meth:`release`).
+
+        Raises:
+            DirectoryLockedError: this writer no longer holds the lease.
+        """
+        self._check_lease()
         try:
             self.store.delete([o.name for o in self.store.list("ckpt-") if _MARKER_RE.fullmatch(o.name)])
             self.store.delete([o.name for o in self.store.list(DATA_PREFIX) if _DATA_RE.fullmatch(o.name)])

@@ -681,6 +681,8 @@ class CheckpointManager(CheckpointReader):
             CheckpointIOError: a file could not be deleted (the manager stays open).
             CheckpointError: the manager is read-only or closed; a pending background
                 write failed.
+            DirectoryLockedError: on object storage, this writer lost its lease (another
+                holds it): nothing is deleted.
         """
         self._check_writable()
         self._check_leader("delete_all()")
@@ -826,6 +828,8 @@ class CheckpointManager(CheckpointReader):
         Raises:
             ValueError: no policy given and the manager has none.
             CheckpointError: the manager is read-only (without ``dry_run``) or closed.
+            DirectoryLockedError: on object storage, this writer lost its lease: nothing
+                is deleted.
         """
         if not dry_run:
             self._check_writable()

@@ -10,6 +10,7 @@ server skip (through the ``s3_server`` fixture) where SeaweedFS or s3fs is not i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -261,6 +262,36 @@ def test_a_second_live_writer_is_refused_naming_the_holder(s3: Any) -> None:
         assert [c.step for c in mgr.checkpoints] == [1, 2]
 
 
+def test_a_writer_that_lost_its_lease_deletes_nothing(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer took the lease over (this one was paused past its ttl, say): this
+    one's saves, and its delete_all(), raise, and everything stays for the new holder."""
+    monkeypatch.setenv("CKPTMGR_LEASE_TTL", "3")
+    mgr = ckptmgr.CheckpointManager(s3.url, storage_options=s3.options)
+    try:
+        for step in (1, 2):
+            mgr.save(step, make_state(step))
+        intruder = {"host": "elsewhere", "pid": 4242, "since": time.time(), "ttl": 30, "token": "x"}
+        s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/.ckptmgr-lease.json", Body=json.dumps(intruder))
+        deadline = time.monotonic() + 20
+        step = 2
+        while True:  # the next renewal (within ttl / 3) finds the intruder
+            step += 1
+            try:
+                mgr.save(step, make_state(step))
+            except DirectoryLockedError as exc:
+                assert "Lost the lease" in str(exc) or "Cannot renew" in str(exc), exc
+                break
+            assert time.monotonic() < deadline, "the lost lease went unnoticed"
+        before = s3.names()
+        with pytest.raises(DirectoryLockedError):
+            mgr.delete_all()
+        assert s3.names() == before and _markers(before)
+    finally:
+        with contextlib.suppress(ckptmgr.CheckpointError):
+            mgr.close()
+    assert s3.names() == before  # close() released nothing of the new holder's
+
+
 CHILD = STATE_SOURCE + r'''
 import sys, ckptmgr
 mgr = ckptmgr.CheckpointManager(sys.argv[1])
@@ -291,6 +322,9 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
 ) -> None:
     ttl = 3.0
     big = 3 * MiB  # 24 MiB: two parts; the kill lands while a save is being written or uploaded
+    # Another program's files under data/, and its upload in progress: never ckptmgr's to clean.
+    s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/data/train.csv", Body=b"x,y\n1,2\n")
+    foreign = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=f"{s3.prefix}/data/big.parquet")["UploadId"]
     env = {**s3_server.client_env(), "CKPTMGR_LEASE_TTL": str(ttl), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, s3.url, str(big)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -300,7 +334,7 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
         while _read_line(proc, deadline) != "saved 3":
             pass
         # Kill it mid-upload: once a multipart upload is in flight (polled, with a deadline).
-        while not s3.uploads():
+        while len(s3.uploads()) < 2:
             assert time.monotonic() < deadline and proc.poll() is None, "no upload seen in flight"
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -319,7 +353,7 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
                 pipe.close()
     assert returned == list(range(1, len(returned) + 1)), returned
 
-    assert s3.uploads(), "the kill did not land mid-upload"
+    assert len(s3.uploads()) > 1, "the kill did not land mid-upload"
     monkeypatch.setenv("CKPTMGR_LEASE_TTL", str(ttl))
     with pytest.raises(DirectoryLockedError, match=f"pid {proc.pid}"):
         ckptmgr.CheckpointManager(s3.url, storage_options=s3.options)  # not expired yet
@@ -339,11 +373,14 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
         assert steps[: len(returned)] == returned and steps[len(returned):] in ([], [len(returned) + 1]), steps
         for step in steps:
             tree_equal(mgr.restore(step), make_state(step, big=big))
-        # The dead writer's leftovers are gone: no unreferenced data object, no unfinished upload.
+        # The dead writer's leftovers are gone: no unreferenced data object, no unfinished
+        # upload; the other program's file and upload are still there.
         names = s3.names()
         assert _markers(names) == [f"ckpt-{s:09d}.json" for s in steps]
-        assert sorted(_data(names)) == sorted(s3.key(str(c.path)).removeprefix(s3.prefix + "/") for c in mgr.checkpoints)
-        assert s3.uploads() == []
+        assert sorted(_data(names)) == sorted([*(s3.key(str(c.path)).removeprefix(s3.prefix + "/")
+                                                 for c in mgr.checkpoints), "data/train.csv"])
+        assert s3.uploads() == [f"{s3.prefix}/data/big.parquet"]
+        s3.client.abort_multipart_upload(Bucket=s3.bucket, Key=f"{s3.prefix}/data/big.parquet", UploadId=foreign)
         mgr.save(steps[-1] + 1, make_state(99))
     finally:
         mgr.close()

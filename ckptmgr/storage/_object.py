@@ -785,11 +785,15 @@ class ObjectStore:
 
         return bool(self._run("Cannot delete", name, delete))
 
-    def abort_uploads(self, sub_prefix: str = "", *, older_than: float) -> int:
+    def abort_uploads(
+        self, sub_prefix: str = "", *, older_than: float, ours: Callable[[str], Any] | None = None,
+    ) -> int:
         """Abort the unfinished multipart uploads under ``sub_prefix`` begun more than
         ``older_than`` seconds ago by the server's clock (a dead writer's leftovers: they are
         invisible, but hold storage); return how many. Call it only as the location's writer
         (holding its :class:`Lease`), with ``older_than`` longer than any upload of a live one.
+        ``ours(name)`` (a name relative to the location), where given, must be true of an
+        upload for it to be aborted: another program's uploads under the prefix are left alone.
 
         Raises:
             ObjectStoreError: a request failed.
@@ -808,6 +812,8 @@ class ObjectStore:
                 uploads.extend(response.get("Uploads", []) or [])
             count = 0
             for upload in uploads:
+                if ours is not None and not ours(upload["Key"][len(self._key_prefix):]):
+                    continue
                 if now - upload["Initiated"].timestamp() > older_than:
                     with contextlib.suppress(self._exc.ClientError):  # finished or aborted meanwhile
                         await self._call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
