@@ -32,7 +32,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
+import numpy as np
+
 import ckptmgr
+from ckptmgr._args import check_step
 
 from .rng import FRAMEWORKS, Framework, _short, capture_rng, named_generators, resolve_frameworks, restore_rng
 
@@ -174,13 +177,20 @@ class TrainingLoop:
         tree = self._manager.restore_or_initialize(lambda: missing)
         if tree is missing:
             return 0, (init() if init is not None else None)
-        if not (isinstance(tree, dict) and set(tree) == {"step", "state", "rng"} and type(tree["step"]) is int):
+        if not (isinstance(tree, dict) and set(tree) == {"step", "state", "rng"}):
             raise ValueError(
                 "Expected a checkpoint saved by TrainingLoop, a dict with keys 'step', 'state' and 'rng'. "
                 f"Received: {_short(sorted(tree) if isinstance(tree, dict) else tree)} in {self._manager.directory}"
             )
+        step = tree["step"]
+        # (A NumPy integer: a step saved as given, before save() took its int.)
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise ValueError(
+                "Expected a checkpoint saved by TrainingLoop, its 'step' an int. "
+                f"Received: step={_short(step)} in {self._manager.directory}"
+            )
         restore_rng(tree["rng"], self._generators)
-        return tree["step"], tree["state"]
+        return int(step), tree["state"]
 
     # --------------------------------------------------------------------- saving
 
@@ -207,6 +217,7 @@ class TrainingLoop:
         Raises:
             Whatever :meth:`ckptmgr.CheckpointManager.save` raises.
         """
+        step = check_step(step)  # a NumPy integer (np.arange's) is stored as the int it is
         # Without metrics there is nothing to record on a skipped step, so skip the
         # RNG capture (and building the state) when the policy would skip it anyway.
         if not force and not metrics and not self._manager.should_save(step):

@@ -239,6 +239,21 @@ def test_resume_fresh_then_from_checkpoint_restores_rng(tmp_path: Path) -> None:
     np.testing.assert_array_equal(gen2.normal(size=2), expected_next)
 
 
+def test_numpy_integer_steps_are_saved_as_ints_and_resumed(tmp_path: Path) -> None:
+    with ckptmgr.CheckpointManager(tmp_path, save_every=ckptmgr.EverySteps(2)) as mgr:
+        loop = TrainingLoop(mgr)
+        for step in np.arange(1, 5):  # np.int64 steps
+            loop.step_done(step, {"w": float(step)})
+    with ckptmgr.CheckpointManager(tmp_path) as mgr:
+        step, state = TrainingLoop(mgr).resume()
+        assert type(step) is int and (step, state) == (4, {"w": 4.0})
+        assert type(mgr.restore()["step"]) is int
+        # A checkpoint that stored the NumPy integer as given (before save() took its int) resumes too.
+        mgr.save(6, {"step": np.int64(6), "state": {"w": 6.0}, "rng": mgr.restore()["rng"]})
+        step, _ = TrainingLoop(mgr).resume()
+        assert type(step) is int and step == 6
+
+
 def test_resume_rejects_a_checkpoint_not_written_by_training_loop(mgr: ckptmgr.CheckpointManager) -> None:
     mgr.save(5, {"w": np.zeros(2)}, force=True)
     with pytest.raises(ValueError, match=r"Expected a checkpoint saved by TrainingLoop.*Received: \['w'\]"):
