@@ -11,7 +11,15 @@ from typing import Any
 
 import ckptmgr
 
-from ._keras_base import BatchCounter, CkptCallback, check_flags, job_coordinator, keras_worded, next_step
+from ._keras_base import (
+    BatchCounter,
+    CkptCallback,
+    check_flags,
+    job_coordinator,
+    keras_worded,
+    next_step,
+    open_manager,
+)
 from .rng import capture_rng, restore_rng
 from .tf import load_tree, to_tree
 
@@ -147,7 +155,8 @@ class BackupAndRestore(CkptCallback):
         coordinator = job_coordinator(self.model)
         # Several workers (MultiWorkerMirroredStrategy): the chief writes the one copy
         # (the variables are mirrored), in the foreground, and every worker restores it.
-        self._manager = ckptmgr.CheckpointManager(
+        self._manager = open_manager(
+            f"BackupAndRestore(backup_dir={str(self.backup_dir)!r})",
             self.backup_dir, keep=ckptmgr.KeepLast(2 if self.double_checkpoint else 1),
             async_save=self.async_save and coordinator is None, coordinator=coordinator,
         )

@@ -422,6 +422,25 @@ def resolve_direction(monitor: str, mode: str, model: Any) -> Direction | None:
     return direction
 
 
+def open_manager(owner: str, directory: Any, **kwargs: Any) -> ckptmgr.CheckpointManager:
+    """The callback's writer on ``directory``; a directory another writer holds (often
+    another ckptmgr callback of the same fit()) is refused with what to do instead.
+
+    Raises:
+        DirectoryLockedError: another writer holds ``directory``.
+    """
+    try:
+        return ckptmgr.CheckpointManager(directory, **kwargs)
+    except ckptmgr.DirectoryLockedError as exc:
+        raise ckptmgr.DirectoryLockedError(
+            f"{owner} cannot write to {directory}: {exc}. Each ckptmgr callback needs a directory of its "
+            "own (one writer per directory): e.g. ModelCheckpoint('ckpt/best/model.keras', "
+            "save_best_only=True) beside ModelCheckpoint('ckpt/last/model.keras') and "
+            "BackupAndRestore('ckpt/backup')",
+            lock_path=exc.lock_path,
+        ) from exc
+
+
 def direction_error(owner: str, monitor: str) -> ValueError:
     return ValueError(
         keras_worded(

@@ -21,6 +21,7 @@ from ._keras_base import (
     job_coordinator,
     keras_worded,
     next_step,
+    open_manager,
     print_msg,
     resolve_direction,
     scalar_metrics,
@@ -335,7 +336,8 @@ class ModelCheckpoint(MonitorCallback):
         if self._manager is None:
             direction = self.decide_direction(required=self.save_best_only)
             coordinator = job_coordinator(self.model)
-            manager = ckptmgr.CheckpointManager(
+            manager = open_manager(
+                f"ModelCheckpoint(filepath={self.filepath!r})",
                 self.directory,
                 keep=self.keep,
                 monitor=self.monitor if direction else None,

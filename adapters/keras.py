@@ -16,7 +16,9 @@ Differences from ``keras.callbacks`` worth knowing:
 - ``ModelCheckpoint``: the directory part of ``filepath`` may not hold placeholders; a
   formatted file name must stay a plain name in that directory; the directory gets the
   engine's hidden files (``.ckptmgr.lock``, ``.ckptmgr-index.json``, one
-  ``.ckptmgr-<hash>.json`` sidecar per file) and is locked against a second writer.
+  ``.ckptmgr-<hash>.json`` sidecar per file) and is locked against a second writer:
+  two ckptmgr callbacks (best and last ``ModelCheckpoint``, or one beside
+  ``BackupAndRestore``) need a directory each.
   A placeholder with no value raises :class:`FilepathFormatError` (a ``KeyError`` as in
   Keras, and a ``ValueError``).
 - ``BackupAndRestore(save_freq=N)`` resumes at the batch of the backup, replaying the

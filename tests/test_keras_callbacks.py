@@ -122,6 +122,21 @@ def test_keep_last_2_leaves_exactly_the_expected_files(tmp_path: Path, fresh: Fr
     assert [c.keep_reasons for c in callback.checkpoints] == [("last 2",), ("latest", "last 2")]
 
 
+def test_best_and_last_callbacks_need_a_directory_each_and_say_so(tmp_path: Path, fresh: FreshModel) -> None:
+    """Keras' best + last pattern: one writer per directory here, so two callbacks in one
+    directory are refused at the first save, naming both the callback and the way out."""
+    best = ck.ModelCheckpoint(str(tmp_path / "shared" / "best.keras"), save_best_only=True)
+    last = ck.ModelCheckpoint(str(tmp_path / "shared" / "last.keras"))
+    with pytest.raises(ckptmgr.DirectoryLockedError,
+                       match=r"ModelCheckpoint\(filepath='.*last\.keras'\) cannot write to .*shared.*a directory of its own"):
+        fit(fresh(), [best, last], epochs=2)
+    best = ck.ModelCheckpoint(str(tmp_path / "best" / "model.keras"), save_best_only=True)
+    last = ck.ModelCheckpoint(str(tmp_path / "last" / "model.keras"))
+    backup = ck.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
+    fit(fresh(), [best, last, backup], epochs=2)
+    assert visible(tmp_path / "best") == visible(tmp_path / "last") == ["model.keras"]
+
+
 def test_keep_last_never_deletes_the_best(tmp_path: Path, fresh: FreshModel) -> None:
     # val_loss falls every epoch; with mode="max" the first epoch stays the best.
     callback = ck.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), mode="max", keep=ckptmgr.KeepLast(2))
