@@ -256,7 +256,10 @@ def to_tree(pytree: Any) -> Any:
 
     Dicts, lists and tuples are walked (a NamedTuple, such as an optax state, becomes
     a plain tuple; :func:`from_tree` documents how to get the structure back); NumPy
-    arrays, scalars, str and None are kept. Only fully addressable arrays can be
+    arrays, scalars, str and None are kept. A typed PRNG key array
+    (``jax.random.key``) becomes ``{"ckptmgr.jax.prng_key": IMPL, "key_data": ARRAY}``
+    (its implementation's name and ``jax.random.key_data``), which :func:`from_tree`
+    turns back into the same keys. Only fully addressable arrays can be
     converted: an array sharded across processes has no whole value in any one of
     them, so each process saves its own shards (``shard.data`` of
     ``array.addressable_shards``) in a ``sharded=True`` checkpoint.
@@ -269,12 +272,17 @@ def to_tree(pytree: Any) -> Any:
     Raises:
         ValueError: an array that is not fully addressable (the message names its path).
     """
-    return _encode(pytree, (), _jax().Array)
+    return _encode(pytree, (), _jax())
+
+
+# A typed PRNG key array, saved: its implementation's name and its key data.
+_KEY_MARK, _KEY_DATA = "ckptmgr.jax.prng_key", "key_data"
 
 
 def from_tree(tree: Any, *, device: Any = None) -> Any:
     """The arrays of a restored state tree as ``jax.Array`` (on ``device``, by default
-    JAX's default device); dicts, lists and tuples are walked, other values kept.
+    JAX's default device); dicts, lists and tuples are walked, other values kept, and
+    the PRNG keys :func:`to_tree` saved are typed key arrays again.
 
     Dtypes follow JAX's rules: without ``jax_enable_x64``, int64 and float64 arrays
     become int32 and float32 (as ``jax.device_put`` does).
@@ -290,8 +298,8 @@ def from_tree(tree: Any, *, device: Any = None) -> Any:
     return _decode(tree, _jax(), device)
 
 
-def _encode(value: Any, where: tuple[Any, ...], array_type: Any) -> Any:
-    if isinstance(value, array_type):
+def _encode(value: Any, where: tuple[Any, ...], jax: Any) -> Any:
+    if isinstance(value, jax.Array):
         if not value.is_fully_addressable:
             raise ValueError(
                 f"Expected fully addressable arrays at {_path(where)}. Received: an array of shape "
@@ -299,14 +307,18 @@ def _encode(value: Any, where: tuple[Any, ...], array_type: Any) -> Any:
                 "(shard.data for shard in array.addressable_shards) with CheckpointManager(..., "
                 "coordinator=JaxCoordinator(), sharded=True)"
             )
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            # NumPy has no key dtype: the key data, and the implementation to wrap it with.
+            return {_KEY_MARK: str(jax.random.key_impl(value)),
+                    _KEY_DATA: np.array(jax.random.key_data(value), copy=True)}
         # A copy: the tree must not follow a buffer that JAX may donate or delete later.
         return np.array(value, copy=True)
     if isinstance(value, Mapping):
-        return {key: _encode(item, (*where, key), array_type) for key, item in value.items()}
+        return {key: _encode(item, (*where, key), jax) for key, item in value.items()}
     if isinstance(value, list):
-        return [_encode(item, (*where, i), array_type) for i, item in enumerate(value)]
+        return [_encode(item, (*where, i), jax) for i, item in enumerate(value)]
     if isinstance(value, tuple):
-        return tuple(_encode(item, (*where, i), array_type) for i, item in enumerate(value))
+        return tuple(_encode(item, (*where, i), jax) for i, item in enumerate(value))
     return value
 
 
@@ -314,6 +326,8 @@ def _decode(value: Any, jax: Any, device: Any) -> Any:
     if isinstance(value, np.ndarray):
         return jax.device_put(value, device)
     if isinstance(value, dict):
+        if set(value) == {_KEY_MARK, _KEY_DATA} and isinstance(value[_KEY_DATA], np.ndarray):
+            return jax.device_put(jax.random.wrap_key_data(value[_KEY_DATA], impl=value[_KEY_MARK]), device)
         return {key: _decode(item, jax, device) for key, item in value.items()}
     if isinstance(value, list):
         return [_decode(item, jax, device) for item in value]

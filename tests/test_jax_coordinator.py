@@ -387,3 +387,20 @@ def test_trees_of_jax_arrays_survive_a_checkpoint(tmp_path: Path) -> None:
     # The structure of the NamedTuple comes back through a template, as from_tree documents.
     opt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state["opt"]), jax.tree_util.tree_leaves(restored["opt"]))
     assert isinstance(opt, Pair) and int(opt.mu[0]) == 1
+
+
+def test_typed_prng_keys_survive_a_checkpoint(tmp_path: Path) -> None:
+    """jax.random.key (JAX's recommended keys; NumPy has no key dtype) and split batches
+    of them, of two implementations, come back as the same keys: the same draws."""
+    keys = {"key": jax.random.key(0), "batch": jax.random.split(jax.random.key(1), 3),
+            "rbg": jax.random.key(2, impl="rbg"), "raw": jax.random.PRNGKey(3)}
+    with ckptmgr.CheckpointManager(tmp_path / "ckpt") as mgr:
+        mgr.save(1, ckpt_jax.to_tree(keys))
+        restored = ckpt_jax.from_tree(mgr.restore())
+    for name in ("key", "batch", "rbg"):
+        got, want = restored[name], keys[name]
+        assert jax.dtypes.issubdtype(got.dtype, jax.dtypes.prng_key), name
+        assert str(jax.random.key_impl(got)) == str(jax.random.key_impl(want)) and got.shape == want.shape, name
+        np.testing.assert_array_equal(jax.random.normal(got.reshape(-1)[0], (4,)),
+                                      jax.random.normal(want.reshape(-1)[0], (4,)))
+    np.testing.assert_array_equal(np.asarray(restored["raw"]), np.asarray(keys["raw"]))  # a plain uint32 array
