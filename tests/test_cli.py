@@ -382,6 +382,8 @@ def test_diff_text(run_dir: Path) -> None:
         pytest.param(["diff", "{run}", "100", "300"], 1, "checksum mismatch", id="corrupt array"),
         pytest.param([], 2, "COMMAND", id="no command"),
         pytest.param(["frobnicate", "{run}"], 2, "frobnicate", id="unknown command"),
+        pytest.param(["ls", "gs://bucket/run"], 2, "Only s3:// is supported", id="another scheme"),
+        pytest.param(["ls", "s3://bucket/a//b"], 2, "Received: url='s3://bucket/a//b'", id="bad s3 url"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(

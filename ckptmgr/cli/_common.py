@@ -177,13 +177,17 @@ def _open_reader(directory: str) -> CheckpointManager:
     """A read-only manager of ``directory``, which must look like a ckptmgr directory.
 
     Raises:
-        CliError: no such directory, not a directory, or not a ckptmgr directory.
+        CliError: no such directory, not a directory, not a ckptmgr directory, or a
+            URL of a kind ckptmgr does not take.
         CheckpointError: the directory cannot be listed.
     """
     if "://" in directory:
         # Object storage (s3://bucket/prefix): credentials and endpoint from the standard
         # AWS environment variables. Nothing of ckptmgr's there: CheckpointNotFoundError.
-        return CheckpointManager(directory, read_only=True)
+        try:
+            return CheckpointManager(directory, read_only=True)
+        except ValueError as exc:  # a URL it cannot take (gs://, s3:// with no bucket, ...)
+            raise CliError(str(exc), EXIT_USAGE) from exc
     path = Path(directory)
     if not path.exists():
         raise CliError(f"no such directory: {directory}", EXIT_USAGE)
