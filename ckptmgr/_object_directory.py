@@ -48,6 +48,7 @@ from typing import Any
 from . import codec
 from ._directory import Loaded, _recorded_reasons, reason_of
 from ._retention import Record
+from ._writer import at_exit
 from .codec._sidecar import decode_signed, encode_signed
 from .errors import (
     CheckpointError,
@@ -185,6 +186,7 @@ class ObjectCheckpointDirectory:
         self._lease: Lease | None = None
         self._staging: Path | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._lease_finalizer: weakref.finalize[Any, Any] | None = None
         self._markers: dict[int, _Marker] = {}  # the writer's: step -> its marker
         self._cache: dict[tuple[str, str], tuple[dict[str, Any], str | None]] = {}  # (name, etag) -> meta, corrupt
         self._reasons: dict[tuple[str, str], tuple[KeepReason, ...]] = {}  # the writer's, from the index
@@ -208,6 +210,10 @@ class ObjectCheckpointDirectory:
             return
         self._lease = Lease(self.store, ttl=ttl, owner={"opened": owner} if owner else None)
         self._lease.acquire()
+        # Given up at interpreter exit (or when dropped) without close(), as a local
+        # directory's lock is by the OS: the next writer need not wait out the ttl.
+        self._lease_finalizer = weakref.finalize(self, _give_up, self._lease)
+        at_exit(self._lease_finalizer)  # after the flush of a save in flight (registered later)
         try:
             self._recover()
         except BaseException:
@@ -222,8 +228,8 @@ class ObjectCheckpointDirectory:
 
     def release(self) -> None:
         """Give the lease up (if held) and remove the local staging directory."""
-        if self._lease is not None and self._lease.held:
-            self._lease.release()
+        if self._lease_finalizer is not None:
+            self._lease_finalizer()
         if self._finalizer is not None:
             self._finalizer()
 
@@ -682,3 +688,8 @@ class ObjectCheckpointDirectory:
 
 
 __all__ = ["ObjectCheckpointDirectory", "is_url", "lease_ttl"]
+
+
+def _give_up(lease: Lease) -> None:
+    if lease.held:
+        lease.release()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +43,7 @@ class SaveWriter:
             # Flush pending writes at interpreter exit even if close() was never called.
             self._finalizer = weakref.finalize(owner, _flush_at_exit, self._executor, self._in_flight,
                                                directory)
-            atexit.register(self._finalizer)
+            at_exit(self._finalizer)
 
     @property
     def background(self) -> bool:
@@ -118,6 +119,24 @@ class SaveWriter:
             self._executor.shutdown(wait=True)
             self._finalizer.detach()
         self._spare = None
+
+
+def at_exit(function: Callable[[], Any]) -> None:
+    """Call ``function`` at interpreter exit while threads can still start work.
+
+    Registered where ``concurrent.futures`` registers its own exit hook (which stops
+    every thread pool: an upload to object storage, or anything run in an executor,
+    then fails with "cannot schedule new futures after shutdown"), and run before it,
+    the later registered running first; ``atexit`` (which runs after it) where that
+    hook is missing.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading._register_atexit")
+        register(function)
+    except RuntimeError:  # none here, or the interpreter is already shutting down
+        atexit.register(function)
 
 
 def _flush_at_exit(executor: ThreadPoolExecutor, in_flight: list[tuple[int, Future[Any]]],

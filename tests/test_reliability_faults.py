@@ -607,12 +607,17 @@ def test_a_background_write_failing_at_interpreter_exit_is_reported_on_stderr(
     script = (
         "import sys, numpy as np, ckptmgr\n"
         "mgr = ckptmgr.CheckpointManager(sys.argv[1], async_save=True)\n"
-        "mgr.save(1, {'w': np.ones(1000)})\n"
-        "mgr.save(2, {'w': np.ones(1 << 20)})  # 8 MiB: the disk is full before the end\n"
+        "mgr.save(int(sys.argv[2]), {'w': np.ones(int(sys.argv[3]))})\n"
         "print('returned', flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True, text=True, timeout=120)
-    assert done.stdout == "returned\n", done
+    for step, size in [(1, 1000), (2, 1 << 20)]:  # 8 MiB: the disk is full before the end
+        done = subprocess.run([sys.executable, "-c", script, str(mnt), str(step), str(size)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.stdout == "returned\n" and done.returncode == 0, done
+        if step == 1:
+            assert done.stderr == ""
+            with CheckpointManager(mnt, read_only=True) as reader:  # the write in flight was finished at exit
+                assert_tree_equal(reader.restore(1), {"w": np.ones(1000)})
     assert f"the background save of step 2 to {mnt} failed" in done.stderr, done.stderr
     assert "No space left on device" in done.stderr, done.stderr
     with CheckpointManager(mnt, read_only=True) as reader:

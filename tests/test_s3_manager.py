@@ -262,6 +262,19 @@ def test_a_second_live_writer_is_refused_naming_the_holder(s3: Any) -> None:
         assert [c.step for c in mgr.checkpoints] == [1, 2]
 
 
+def test_a_writer_exiting_without_close_gives_its_lease_up(s3: Any, s3_server: Any) -> None:
+    """As the OS does a local directory's lock: the next writer need not wait out the ttl."""
+    child = STATE_SOURCE + "\nimport sys, ckptmgr\nmgr = ckptmgr.CheckpointManager(sys.argv[1], async_save=True)\n" \
+        "mgr.save(1, make_state(1))\n"  # no close(), no wait(): exit flushes the write, then gives the lease up
+    env = {**s3_server.client_env(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", child, s3.url], env=env, capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert ".ckptmgr-lease.json" not in s3.names()
+    with ckptmgr.CheckpointManager(s3.url, storage_options=s3.options) as mgr:  # at once
+        assert [c.step for c in mgr.checkpoints] == [1]
+
+
 def test_a_writer_that_lost_its_lease_deletes_nothing(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another writer took the lease over (this one was paused past its ttl, say): this
     one's saves, and its delete_all(), raise, and everything stays for the new holder."""
