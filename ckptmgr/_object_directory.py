@@ -235,8 +235,9 @@ class ObjectCheckpointDirectory:
 
     def _staging_dir(self) -> Path:
         if self._staging is None or not self._staging.is_dir():
+            _remove_dead_staging()
             try:
-                self._staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+                self._staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-"))
             except OSError as exc:
                 raise io_error("Cannot create a staging directory in", tempfile.gettempdir(), exc) from exc
             self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
@@ -693,3 +694,32 @@ __all__ = ["ObjectCheckpointDirectory", "is_url", "lease_ttl"]
 def _give_up(lease: Lease) -> None:
     if lease.held:
         lease.release()
+
+
+_STAGING_RE = re.compile(re.escape(_STAGING_PREFIX) + r"([0-9]+)-[A-Za-z0-9_]+")
+
+
+def _remove_dead_staging() -> None:
+    """Remove the staging directories of processes that died without removing theirs
+    (SIGKILL, power loss): each holds a whole checkpoint's copy. Each is named after
+    its process; those of live processes (or a pid reused since) stay."""
+    parent = tempfile.gettempdir()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        match = _STAGING_RE.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # another user's (EPERM), or not a pid we can ask about: leave it
+    return True

@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -351,6 +352,7 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
             assert time.monotonic() < deadline and proc.poll() is None, "no upload seen in flight"
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        staging = [p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(f"ckptmgr-staging-{proc.pid}-")]
         assert proc.stdout is not None
         for line in proc.stdout.read().split("\n"):  # what it reported before it died
             kind, _, step = line.partition(" ")
@@ -393,6 +395,8 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
         assert sorted(_data(names)) == sorted([*(s3.key(str(c.path)).removeprefix(s3.prefix + "/")
                                                  for c in mgr.checkpoints), "data/train.csv"])
         assert s3.uploads() == [f"{s3.prefix}/data/big.parquet"]
+        # And its local staging copy (a whole checkpoint) is gone too, once a new one is made.
+        assert staging and not any(p.exists() for p in staging), staging
         s3.client.abort_multipart_upload(Bucket=s3.bucket, Key=f"{s3.prefix}/data/big.parquet", UploadId=foreign)
         mgr.save(steps[-1] + 1, make_state(99))
     finally:
