@@ -541,6 +541,7 @@ def test_the_cli_works_on_an_s3_url_with_the_standard_aws_variables(s3: Any, s3_
     assert table.returncode == 0 and "3 checkpoints" in table.stdout, table.stderr
     verified = _cli(["verify", s3.url], env)
     assert verified.returncode == 0 and "3 ok" in verified.stdout, verified.stdout + verified.stderr
+    assert " 0 B" not in table.stdout + verified.stdout  # sizes not listed there: no total claimed
     shown = _cli(["show", s3.url, "best"], env)
     assert shown.returncode == 0 and "params/layer59/w" in shown.stdout and "loss=0.25" in shown.stdout, shown.stderr
     diffed = _cli(["diff", s3.url, "1", "2", "--json"], env)

@@ -69,7 +69,9 @@ def _ls_print(mgr: CheckpointManager) -> None:
     ]
     for line in _table(["STEP", "MARK", "SAVED", "SIZE", "METRICS", "KEEP"], rows, right={0, 3}):
         print(line)
-    total = sum(_disk_size(c) or 0 for c in infos)
+    sizes = [_disk_size(c) for c in infos]
+    # Sizes of objects in a store are not listed: no total then, rather than a wrong one.
+    total = "" if None in sizes else f", {_human_bytes(sum(s or 0 for s in sizes))}"
     tracker = mgr.tracker
     monitored = f"; best by {tracker.monitor} ({tracker.mode})" if tracker else ""
-    print(f"{len(infos)} checkpoint{'s' * (len(infos) != 1)}, {_human_bytes(total)}{monitored}")
+    print(f"{len(infos)} checkpoint{'s' * (len(infos) != 1)}{total}{monitored}")

@@ -91,8 +91,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "corrupt", "error", "gone")}
         parts = [f"{n} {s}" for s, n in counts.items() if n or s == "ok"]
-        total = sum(r["file_bytes"] or 0 for r in results)
-        print(f"verified {len(results)} checkpoint{'s' * (len(results) != 1)} ({_human_bytes(total)}) "
+        sizes = [r["file_bytes"] for r in results]
+        total = "" if None in sizes else f" ({_human_bytes(sum(s or 0 for s in sizes))})"
+        print(f"verified {len(results)} checkpoint{'s' * (len(results) != 1)}{total} "
               f"in {time.monotonic() - started:.1f} s: {', '.join(parts)}")
     return EXIT_FAILURE if failed else EXIT_OK
 
