@@ -71,7 +71,7 @@ class ModelHolder:
         self.directory = directory
         self.interval = interval
         self.current: tuple[int, LinearModel] | None = None
-        self._loaded: tuple[int, float] | None = None  # (step, time) of the checkpoint served
+        self._loaded: tuple[int, float] | None = None  # (step, time) of the checkpoint last loaded (or refused)
 
     def load(self, info: ckptmgr.CheckpointInfo) -> None:
         """Load one checkpoint and swap it in (skipped if it vanished or is damaged)."""
@@ -86,7 +86,14 @@ class ModelHolder:
         except ckptmgr.CorruptCheckpointError as exc:
             print(f"serve: not serving step {info.step}: {exc}", file=sys.stderr, flush=True)
             return
-        model = LinearModel.from_state(state)
+        try:
+            model = LinearModel.from_state(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            # Not a model this server can serve: said once, not retried until a new best.
+            print(f"serve: not serving step {info.step}: not a linear model ({type(exc).__name__}: {exc})",
+                  file=sys.stderr, flush=True)
+            self._loaded = (info.step, info.time)
+            return
         self.current = (info.step, model)  # the atomic swap
         self._loaded = (info.step, info.time)
         print(f"serve: serving step {info.step}", file=sys.stderr, flush=True)

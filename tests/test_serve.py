@@ -154,3 +154,25 @@ def test_serves_best_and_hot_swaps_while_training(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     train(sys.argv[1])
+
+
+def test_a_best_that_is_not_a_model_is_refused_once_and_the_served_one_stays(
+    tmp_path: Path, capsys: Any,
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_example", SERVE)
+    assert spec is not None and spec.loader is not None
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    with ckptmgr.CheckpointManager(tmp_path, monitor="loss") as mgr:
+        good = mgr.save(1, {"w": np.ones(2), "b": np.zeros(())}, metrics={"loss": 0.5})
+        odd = mgr.save(2, {"weights": np.ones(2)}, metrics={"loss": 0.1})  # the new best: no "w"
+    assert good is not None and odd is not None
+    holder = serve.ModelHolder(tmp_path, interval=0.1)
+    holder.load(good)
+    for _ in range(3):  # follow() yields it again after a restart: refused once, not retried
+        holder.load(odd)
+    assert holder.current is not None and holder.current[0] == 1
+    refused = [line for line in capsys.readouterr().err.splitlines() if "not serving step 2" in line]
+    assert len(refused) == 1 and "not a linear model (KeyError" in refused[0]
