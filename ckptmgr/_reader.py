@@ -193,7 +193,10 @@ class CheckpointReader:
 
         ``"latest"`` falls back to the newest checkpoint that verifies, warning
         (:class:`CheckpointWarning`) about each one it skips; ``"best"`` and a step
-        number load exactly that checkpoint.
+        number load exactly that checkpoint. On a writer, restoring the newest good
+        checkpoint (a resume) also takes its metric history (best, its step,
+        patience); restoring any older one (to evaluate it, say) leaves the run's
+        history as it is: to continue from an earlier step, use ``rollback(step)``.
 
         Example (a server needs the parameters, not the optimizer state):
 
