@@ -135,6 +135,27 @@ FIXED: list[dict[str, str]] = [
                "until the rename is durable, and put back if the commit fails; where there are no hard "
                "links, the new, complete file stays rather than none.",
     },
+    {
+        "id": "F13", "where": "_writer.SaveWriter.wait", "found by": "test_an_interrupted_wait_loses_no_error (a review found it by reading)",
+        "what": "wait() forgot the background write before blocking on it: interrupted there (Ctrl-C), the "
+                "write went on, and when it failed nothing ever raised its error; the step stayed pending.",
+        "fix": "The write is forgotten only once its outcome is known.",
+    },
+    {
+        "id": "F14", "where": "manager.save", "found by": "test_a_save_failing_before_its_write_does_not_count_as_best_or_as_saved, test_the_previous_background_write_failing_during_a_save_undoes_both (a review found them by reading)",
+        "what": "A save that failed after deciding to save but before its write (a bad tree with async_save, a "
+                "payload writer raising, the previous background write's error surfacing there) left its step "
+                "the best, so best_only never saved that model again, and restarted the EverySeconds clock.",
+        "fix": "Any failure after the decision undoes it (best, last save time), in either order with the save "
+               "before it.",
+    },
+    {
+        "id": "F15", "where": "_writer (interpreter exit)", "found by": "test_a_background_write_failing_at_interpreter_exit_is_reported_on_stderr, test_a_writer_exiting_without_close_gives_its_lease_up (a review found the first by reading)",
+        "what": "A background write that failed at interpreter exit (no close()) vanished without a word; on "
+                "s3:// every such write failed, its upload refused by thread pools already stopped.",
+        "fix": "The flush runs from threading's exit hooks, before concurrent.futures stops its pools, and a "
+               "failure is printed on stderr.",
+    },
 ]
 
 # manager.py bugs (the lead's module): each is pinned by a test, strict-xfail while open.
