@@ -344,11 +344,13 @@ class CheckpointReader:
     ) -> tuple[Any, CheckpointInfo]:
         if which != "latest":
             for attempt in range(READ_RETRIES):
-                record = self._resolve(which)
                 try:
+                    record = self._resolve(which)
                     value = self._exactly(record, self._dir.load(record, verify=verify, select=select, mmap=mmap))
                 except CheckpointNotFoundError:
-                    # A reader racing the writer: "best" may have moved on; list again.
+                    # A reader racing the writer: "best" may have moved on (deleted after
+                    # the listing, or missing from a listing taken while the writer renamed
+                    # a new one in and deleted an old one); list again.
                     if not (self._read_only and which == "best") or attempt == READ_RETRIES - 1:
                         raise
                     continue

@@ -189,6 +189,8 @@ class Trace:
                 (src_dir, src), (dst_dir, dst) = split(args[0], event), split(args[1], event)
                 if args[0] == args[1]:
                     continue
+                if volatile[src_dir].get(src) is not None and volatile[dst_dir].get(dst) == volatile[src_dir][src]:
+                    continue  # two names of one file: rename does nothing (POSIX)
                 entry = volatile[src_dir].pop(src, None)
                 if entry is None:
                     raise NotModelled(f"{event}: renames a file the log never created")
@@ -196,6 +198,13 @@ class Trace:
                     raise NotModelled(f"{event}: renames a directory")
                 volatile[dst_dir][dst] = entry
                 op(src_dir, i, src, None)
+                op(dst_dir, i, dst, entry)
+            elif event.kind == "link":
+                (src_dir, src), (dst_dir, dst) = split(args[0], event), split(args[1], event)
+                entry = volatile[src_dir].get(src)
+                if entry is None or entry[0] != "file":
+                    raise NotModelled(f"{event}: links a file the log never created")
+                volatile[dst_dir][dst] = entry  # the same file under a second name
                 op(dst_dir, i, dst, entry)
             elif event.kind == "unlink":
                 parent, name = split(args[0], event)

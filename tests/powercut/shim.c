@@ -7,6 +7,7 @@
  *     create   DEV:INO  PATH        O_CREAT made a new entry (the file's inode)
  *     mkdir    PATH
  *     rename   SRC      DST         rename, renameat, renameat2 (flags 0 only)
+ *     link     SRC      DST         link, linkat (a second name for SRC's file)
  *     unlink   PATH
  *     rmdir    PATH
  *     fsyncdir PATH                 fsync or fdatasync of a directory
@@ -263,6 +264,8 @@ typedef int (*unlinkat_fn)(int, const char *, int);
 typedef int (*rename_fn)(const char *, const char *);
 typedef int (*renameat_fn)(int, const char *, int, const char *);
 typedef int (*renameat2_fn)(int, const char *, int, const char *, unsigned int);
+typedef int (*link_fn)(const char *, const char *);
+typedef int (*linkat_fn)(int, const char *, int, const char *, int);
 
 int mkdir(const char *path, mode_t mode) {
     REAL(mkdir_fn, mkdir);
@@ -345,6 +348,34 @@ int renameat(int olddirfd, const char *old, int newdirfd, const char *new) {
 }
 int renameat2(int olddirfd, const char *old, int newdirfd, const char *new, unsigned int flags) {
     return do_rename(olddirfd, old, newdirfd, new, flags, 2);
+}
+
+/* WHICH: 0 link(), 1 linkat(). */
+static int do_link(int olddirfd, const char *old, int newdirfd, const char *new, int flags, int which) {
+    REAL(link_fn, link);
+    REAL(linkat_fn, linkat);
+    char src[PATH_BUF], dst[PATH_BUF];
+    int watch_src = watched(olddirfd, old, src);
+    int watch_dst = watched(newdirfd, new, dst);
+#define CALL_LINK() (which == 0 ? real_link(old, new) : real_linkat(olddirfd, old, newdirfd, new, flags))
+    if (!watch_src && !watch_dst) return CALL_LINK();
+    pthread_mutex_lock(&lock);
+    int rc = CALL_LINK();
+    int saved = errno;
+    if (rc == 0) {
+        if (flags & ~AT_SYMLINK_FOLLOW) log_line("error", "linkat with flags (not modelled)", src, dst);
+        else if (!watch_src || !watch_dst) log_line("error", "link across the watched root", src, dst);
+        else log_line("link", src, dst, NULL);
+    }
+    pthread_mutex_unlock(&lock);
+    errno = saved;
+    return rc;
+#undef CALL_LINK
+}
+
+int link(const char *old, const char *new) { return do_link(AT_FDCWD, old, AT_FDCWD, new, 0, 0); }
+int linkat(int olddirfd, const char *old, int newdirfd, const char *new, int flags) {
+    return do_link(olddirfd, old, newdirfd, new, flags, 1);
 }
 
 /* --------------------------------------------------------------------------- fsync */
