@@ -467,8 +467,9 @@ def render(rows: list[dict[str, Any]], junit: dict[str, Any], *, full: bool, sec
         ["Crash, random", "SIGKILL at random instants of five workloads (save, retention, index update, payload "
          "commits, async writer), with start-up and recovery; reader view, then writer view of a copy",
          *_fmt(kills, full)],
-        ["Faults, injected", "EIO / EACCES / ENOSPC at every open, write, fsync, rename and unlink of a save "
-         "(native and payload, sync and async), also with the clean-up failing, and in the index update",
+        ["Faults, injected", "EIO / EACCES / ENOSPC at every open, write, fsync, rename, link and unlink of a "
+         "save of a new step and of a step saved again (native and payload, sync and async), also with the "
+         "clean-up failing, and in the index update",
          *_fmt(faults, full)],
         ["Faults, real file systems", "read-only tmpfs remount (EROFS), read-only bind mount beside a live "
          "writer, full tmpfs (ENOSPC) under payload saves, sync and async", *_fmt((real_fs, real_fs), full)],
