@@ -35,7 +35,6 @@ from typing import Any, Literal
 import numpy as np
 
 import ckptmgr
-from ckptmgr._args import check_step
 
 from .rng import FRAMEWORKS, Framework, _short, capture_rng, named_generators, resolve_frameworks, restore_rng
 
@@ -217,7 +216,8 @@ class TrainingLoop:
         Raises:
             Whatever :meth:`ckptmgr.CheckpointManager.save` raises.
         """
-        step = check_step(step)  # a NumPy integer (np.arange's) is stored as the int it is
+        # A NumPy integer (np.arange's) is stored as the int it is; anything else the manager checks.
+        step = int(step) if isinstance(step, np.integer) else step  # type: ignore[unreachable]
         # Without metrics there is nothing to record on a skipped step, so skip the
         # RNG capture (and building the state) when the policy would skip it anyway.
         if not force and not metrics and not self._manager.should_save(step):

@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -237,10 +238,17 @@ class ObjectCheckpointDirectory:
         if self._staging is None or not self._staging.is_dir():
             _remove_dead_staging()
             try:
-                self._staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-"))
+                staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+                # Held (flock) while this process lives: how others tell the directory
+                # is in use, whatever host or PID namespace shares $TMPDIR.
+                owner = os.open(staging / _STAGING_OWNER, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             except OSError as exc:
                 raise io_error("Cannot create a staging directory in", tempfile.gettempdir(), exc) from exc
-            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
+            if _can_lock:
+                with contextlib.suppress(OSError):
+                    _try_lock(owner)
+            self._staging = staging
+            self._finalizer = weakref.finalize(self, _remove_staging, str(staging), owner)
         return self._staging
 
     @contextlib.contextmanager
@@ -515,6 +523,8 @@ class ObjectCheckpointDirectory:
             DirectoryLockedError: this writer no longer holds the lease (another may be
                 writing there: nothing is deleted).
         """
+        if not names:
+            return {}, []
         self._check_lease()
         markers: dict[str, str] = {}  # marker -> the name asked for
         data: dict[str, str] = {}
@@ -560,8 +570,16 @@ class ObjectCheckpointDirectory:
             self._lease.check()
 
     def delete(self, names: list[str], *, stacklevel: int = 6) -> dict[str, OSError]:
-        """Delete checkpoints' objects (see :meth:`_delete`); warn about each failure."""
-        failures, left = self._delete(names)
+        """Delete checkpoints' objects (see :meth:`_delete`); warn about each failure.
+
+        Retention's, after a commit: a lease found lost (or about to be) then deletes
+        nothing and warns, the commit standing (the next save raises).
+        """
+        try:
+            failures, left = self._delete(names)
+        except DirectoryLockedError as lost:
+            warnings.warn(f"ckptmgr: not deleting from {self.url}: {lost}", CheckpointWarning, stacklevel=stacklevel)
+            return dict.fromkeys(names, lost)
         for name, exc in failures.items():
             warnings.warn(f"ckptmgr: cannot delete {name} from {self.url}: {exc}", CheckpointWarning, stacklevel=stacklevel)
         for url in left:
@@ -696,30 +714,52 @@ def _give_up(lease: Lease) -> None:
         lease.release()
 
 
-_STAGING_RE = re.compile(re.escape(_STAGING_PREFIX) + r"([0-9]+)-[A-Za-z0-9_]+")
+try:
+    import fcntl
+
+    def _try_lock(fd: int) -> None:
+        """Lock ``fd`` (flock, exclusive) or raise OSError at once: another holds it."""
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    _can_lock = True
+except ImportError:  # not POSIX: staging directories of dead processes are not removed
+    _can_lock = False
+
+_STAGING_OWNER = "owner.lock"
+_STAGING_MIN_AGE = 2.0  # seconds: never an owner file just made, its lock not yet taken
+
+
+def _remove_staging(path: str, owner: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(owner)
 
 
 def _remove_dead_staging() -> None:
     """Remove the staging directories of processes that died without removing theirs
-    (SIGKILL, power loss): each holds a whole checkpoint's copy. Each is named after
-    its process; those of live processes (or a pid reused since) stay."""
+    (SIGKILL, power loss): each holds a whole checkpoint's copy. A live process holds
+    a lock (flock) on its directory's owner file; a directory whose lock can be taken
+    (its owner file a few seconds old: not one just being made) is a dead one's.
+    Without flock (not POSIX), nothing is removed."""
+    if not _can_lock:
+        return
     parent = tempfile.gettempdir()
     try:
-        names = os.listdir(parent)
+        names = [n for n in os.listdir(parent) if n.startswith(_STAGING_PREFIX)]
     except OSError:
         return
+    now = time.time()
     for name in names:
-        match = _STAGING_RE.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True  # another user's (EPERM), or not a pid we can ask about: leave it
-    return True
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(os.path.join(path, _STAGING_OWNER), os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue  # gone, another user's, or made before owner files (left alone)
+        try:
+            if now - os.fstat(fd).st_mtime >= _STAGING_MIN_AGE:
+                _try_lock(fd)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # held: its process lives
+        finally:
+            os.close(fd)

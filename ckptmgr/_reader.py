@@ -351,7 +351,8 @@ class CheckpointReader:
                     # A reader racing the writer: "best" may have moved on (deleted after
                     # the listing, or missing from a listing taken while the writer renamed
                     # a new one in and deleted an old one); list again.
-                    if not (self._read_only and which == "best") or attempt == READ_RETRIES - 1:
+                    if not (self._read_only and which == "best" and self._tracker is not None) \
+                            or attempt == READ_RETRIES - 1:
                         raise
                     continue
                 self._after_restore(record)
@@ -496,5 +497,8 @@ class CheckpointReader:
             pending = self._pending_step()
             if pending is not None and pending > step:
                 return False
-            return not any(s > step and s not in self._skipped_corrupt and self._records[s].corrupt is None
-                           for s in self._catalog.steps)
+            return not any(s > step and self._is_good(s) for s in self._catalog.steps)
+
+    def _is_good(self, step: int) -> bool:
+        """A listed checkpoint neither known corrupt nor skipped by restore() as corrupt."""
+        return step not in self._skipped_corrupt and self._records[step].corrupt is None

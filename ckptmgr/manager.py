@@ -320,6 +320,8 @@ class CheckpointManager(CheckpointReader):
             return self._save_coordinated(step, state, metrics, force)
         self._check_step_order(step)
         self._writer.poll()  # a failed background write surfaces here, without blocking
+        if self._writer.pending_step == step:
+            self._writer.wait()  # the same step again (a forced save at the end): that write first
         pending = self._writer.pending_step
         self._unsaved = {s: entry for s, entry in self._unsaved.items() if s == pending}
         time_before = self._last_save_time
@@ -565,8 +567,7 @@ class CheckpointManager(CheckpointReader):
             pending = self._writer.pending_step
             if (not steps or steps[-1] <= step) and (pending is None or pending <= step):
                 return
-            newer = [s for s in steps if s > step and s not in self._skipped_corrupt
-                     and self._records[s].corrupt is None]
+            newer = [s for s in steps if s > step and self._is_good(s)]
             if pending is not None and pending > step:
                 newer.append(pending)
             earlier = [s for s in steps if s <= step]
@@ -595,11 +596,10 @@ class CheckpointManager(CheckpointReader):
     def _save_context(self, step: int, improved: bool) -> SaveContext:
         with self._mutex:
             pending = self._writer.pending_step
-            # Not a checkpoint restore() fell back past, or known corrupt: the schedule
-            # counts from the newest good one (a resumed run saves that step again).
-            good = [s for s in self._catalog.steps
-                    if s not in self._skipped_corrupt and self._records[s].corrupt is None]
-            steps = [*good[-1:], *([] if pending is None else [pending])]
+            # The newest good checkpoint (not one restore() fell back past, nor one known
+            # corrupt): a resumed run saves that step again.
+            good = next((s for s in reversed(self._catalog.steps) if self._is_good(s)), None)
+            steps = [s for s in (good, pending) if s is not None]
             last_step = max(steps) if steps else None
         return SaveContext(step=step, now=self._clock(), last_step=last_step,
                            last_time=self._last_save_time, improved=improved)
@@ -693,8 +693,10 @@ class CheckpointManager(CheckpointReader):
                 self._catalog.remove(step)
         self._closed = True
         self._writer.shutdown()
-        self._dir.remove_index_and_lock()
-        self._dir.release()
+        try:
+            self._dir.remove_index_and_lock()
+        finally:
+            self._dir.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

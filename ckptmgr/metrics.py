@@ -11,12 +11,11 @@ from .errors import CheckpointWarning
 Mode = Literal["auto", "min", "max"]
 Direction = Literal["min", "max"]  # a resolved mode
 
+# Brier and energy scores are better lower: loss-like, and loss-like names win over "score".
 _MIN_HINTS = ("loss", "error", "err", "mse", "mae", "rmse", "mape", "msle", "perplexity", "ppl",
-              "cer", "wer", "nll", "entropy", "distance", "divergence", "kl", "fid", "bpd", "brier")
-# Not "score": a Brier or energy score is better lower, an F1 or R2 score higher (those
-# are told by their other part).
+              "cer", "wer", "nll", "entropy", "distance", "divergence", "kl", "fid", "bpd", "brier", "energy")
 _MAX_HINTS = ("acc", "auc", "precision", "recall", "f1", "fbeta", "iou", "dice", "bleu", "rouge",
-              "map", "ndcg", "r2", "reward", "return", "psnr", "ssim", "top_k", "topk",
+              "map", "ndcg", "r2", "score", "reward", "return", "psnr", "ssim", "top_k", "topk",
               "correlation", "kappa", "hit", "mrr", "meteor", "spearman", "pearson", "coverage")
 
 
@@ -25,12 +24,11 @@ def infer_mode(monitor: str) -> Direction:
 
     Names are compared lower-cased, with a ``val_``/``train_``/``test_`` prefix removed.
     A name containing one of ``loss, error, err, mse, mae, rmse, mape, msle, perplexity,
-    ppl, cer, wer, nll, entropy, distance, divergence, kl, fid, bpd, brier`` is minimised;
-    one containing ``acc, auc, precision, recall, f1, fbeta, iou, dice, bleu, rouge, map,
-    ndcg, r2, reward, return, psnr, ssim, top_k, topk, correlation, kappa, hit, mrr,
-    meteor, spearman, pearson, coverage`` is maximised. Loss-like names win
-    (``"acc_loss"`` is minimised). Anything else is ambiguous, ``score`` on its own
-    too (a Brier score is better lower, an F1 score higher).
+    ppl, cer, wer, nll, entropy, distance, divergence, kl, fid, bpd, brier, energy`` is
+    minimised; one containing ``acc, auc, precision, recall, f1, fbeta, iou, dice, bleu,
+    rouge, map, ndcg, r2, score, reward, return, psnr, ssim, top_k, topk, correlation,
+    kappa, hit, mrr, meteor, spearman, pearson, coverage`` is maximised. Loss-like names
+    win (``"acc_loss"`` and ``"brier_score"`` are minimised). Anything else is ambiguous.
 
     >>> infer_mode("val_loss"), infer_mode("val_accuracy")
     ('min', 'max')

@@ -25,7 +25,7 @@ from ckptmgr.metrics import infer_mode, resolve_mode
         ("val_AUC", "max"), ("precision", "max"), ("recall", "max"), ("f1", "max"), ("f1_score", "max"),
         ("top_k_categorical_accuracy", "max"), ("mean_iou", "max"), ("bleu", "max"), ("eval_reward", "max"),
         ("test_map", "max"), ("r2", "max"), ("r2_score", "max"), ("roc_auc_score", "max"),
-        ("val_brier_score", "min"),
+        ("val_brier_score", "min"), ("val_energy_score", "min"), ("val_score", "max"),
     ],
 )
 def test_auto_mode_is_inferred_from_the_name(monitor: str, mode: str) -> None:
@@ -34,7 +34,7 @@ def test_auto_mode_is_inferred_from_the_name(monitor: str, mode: str) -> None:
     assert MetricTracker(monitor).mode == mode
 
 
-@pytest.mark.parametrize("monitor", ["lr", "throughput", "epoch_time", "val_foo", "x", "score", "val_energy_score"])
+@pytest.mark.parametrize("monitor", ["lr", "throughput", "epoch_time", "val_foo", "x"])
 def test_ambiguous_names_ask_for_an_explicit_mode(monitor: str) -> None:
     with pytest.raises(ValueError, match=r"^Expected mode='min' or mode='max'.*Received: monitor="):
         MetricTracker(monitor)

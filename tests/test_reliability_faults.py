@@ -493,6 +493,50 @@ def test_the_previous_background_write_failing_during_a_save_undoes_both(ckpt_di
         assert [c.step for c in mgr.checkpoints] == [1, 2, 3] and mgr.best is not None and mgr.best.step == 3
 
 
+def test_saving_again_the_step_being_written_waits_for_that_write_first(ckpt_dir: Path) -> None:
+    """A forced save at the end of a run, of the step a scheduled save is still writing:
+    when that write fails, the step is not the best and the clock counts from step 1."""
+    import threading
+
+    from ckptmgr._writer import SaveWriter
+
+    entered, release, armed = threading.Event(), threading.Event(), threading.Event()
+    real_fsync, real_wait = os.fsync, SaveWriter.wait
+
+    def fsync(fd: int) -> None:  # step 2's first write: fails once the second save waits for it
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and not release.is_set():
+            entered.set()
+            assert release.wait(60)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    def wait(self: SaveWriter) -> None:
+        if armed.is_set():
+            assert entered.wait(60)  # step 2's write is in its fsync: it fails once let go
+            release.set()
+        real_wait(self)
+
+    now = [100.0]
+    with CheckpointManager(ckpt_dir, monitor="val_loss", async_save=True, save_every=ckptmgr.EverySeconds(60),
+                           clock=lambda: now[0]) as mgr:
+        mgr.save(1, state_for(1, 100), metrics={"val_loss": 0.5}, force=True)
+        mgr.wait()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "fsync", fsync)
+            patch.setattr(SaveWriter, "wait", wait)
+            now[0] = 200.0
+            assert mgr.save(2, state_for(2, 100), metrics={"val_loss": 0.4}) is not None  # scheduled
+            armed.set()
+            now[0] = 201.0
+            with pytest.raises(CheckpointIOError, match="EIO"):
+                mgr.save(2, state_for(2, 100), metrics={"val_loss": 0.4}, force=True)
+        assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.5, 1)
+        assert mgr.should_save(2, metrics={"val_loss": 0.4})  # 101 s after step 1, the last saved
+        assert mgr.save(2, state_for(2, 100), metrics={"val_loss": 0.4}, force=True) is not None
+        mgr.wait()
+        assert [c.step for c in mgr.checkpoints] == [1, 2] and mgr.best is not None and mgr.best.step == 2
+
+
 def test_a_read_failing_is_an_io_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a file the OS cannot read (EIO, EACCES) is an I/O error, not corruption:
     the manager does not skip past it as if it were damaged."""

@@ -263,6 +263,33 @@ def test_a_second_live_writer_is_refused_naming_the_holder(s3: Any) -> None:
         assert [c.step for c in mgr.checkpoints] == [1, 2]
 
 
+def test_staging_directories_are_removed_only_once_their_process_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Told by the lock a live process holds on its directory's owner file, not by a pid
+    (another PID namespace or host may share $TMPDIR)."""
+    from ckptmgr import _object_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    held = tmp_path / "ckptmgr-staging-held"
+    held.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\nsys.stdin.readline()\n",
+         str(held / "owner.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        old = time.time() - 3600
+        os.utime(held / "owner.lock", (old, old))
+        _object_directory._remove_dead_staging()
+        assert held.is_dir(), "removed while its process held it"
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)  # reaped, its pipes closed
+    _object_directory._remove_dead_staging()
+    assert not held.exists()
+
+
 def test_a_writer_exiting_without_close_gives_its_lease_up(s3: Any, s3_server: Any) -> None:
     """As the OS does a local directory's lock: the next writer need not wait out the ttl."""
     child = STATE_SOURCE + "\nimport sys, ckptmgr\nmgr = ckptmgr.CheckpointManager(sys.argv[1], async_save=True)\n" \
@@ -306,6 +333,28 @@ def test_a_writer_that_lost_its_lease_deletes_nothing(s3: Any, monkeypatch: pyte
     assert s3.names() == before  # close() released nothing of the new holder's
 
 
+def test_a_lease_lost_between_commit_and_retention_keeps_the_commit_and_deletes_nothing(s3: Any) -> None:
+    """The commit checked the lease and wrote its marker; retention then finds the lease
+    lost (injected there): save() returns the committed checkpoint, warns, deletes nothing."""
+    with ckptmgr.CheckpointManager(s3.url, storage_options=s3.options, monitor="loss",
+                                   keep=ckptmgr.KeepLast(1)) as mgr:
+        for step, loss in [(1, 0.5), (2, 0.6)]:
+            mgr.save(step, make_state(step), metrics={"loss": loss})
+        before = s3.names()
+
+        def lost() -> None:
+            raise DirectoryLockedError("Lost the lease (injected)", lock_path=s3.url)
+
+        with pytest.MonkeyPatch.context() as patch, pytest.warns(CheckpointWarning, match="not deleting"):
+            patch.setattr(mgr._dir, "_check_lease", lost)
+            info = mgr.save(3, make_state(3), metrics={"loss": 0.1})
+        assert info is not None and info.step == 3
+        assert mgr.tracker is not None and (mgr.tracker.best, mgr.tracker.best_step) == (0.1, 3)
+        assert set(before) < set(s3.names())  # step 3 added, nothing of 1 and 2 deleted
+        with ckptmgr.CheckpointManager(s3.url, storage_options=s3.options, read_only=True) as reader:
+            assert 3 in [c.step for c in reader.checkpoints]
+
+
 CHILD = STATE_SOURCE + r'''
 import sys, ckptmgr
 mgr = ckptmgr.CheckpointManager(sys.argv[1])
@@ -340,6 +389,7 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
     s3.client.put_object(Bucket=s3.bucket, Key=f"{s3.prefix}/data/train.csv", Body=b"x,y\n1,2\n")
     foreign = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=f"{s3.prefix}/data/big.parquet")["UploadId"]
     env = {**s3_server.client_env(), "CKPTMGR_LEASE_TTL": str(ttl), "PYTHONPATH": str(REPO)}
+    staged_before = set(Path(tempfile.gettempdir()).glob("ckptmgr-staging-*"))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, s3.url, str(big)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     returned: list[int] = []
@@ -352,7 +402,7 @@ def test_a_sigkilled_writer_is_taken_over_and_every_returned_save_restores(
             assert time.monotonic() < deadline and proc.poll() is None, "no upload seen in flight"
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        staging = [p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(f"ckptmgr-staging-{proc.pid}-")]
+        staging = set(Path(tempfile.gettempdir()).glob("ckptmgr-staging-*")) - staged_before  # the child's
         assert proc.stdout is not None
         for line in proc.stdout.read().split("\n"):  # what it reported before it died
             kind, _, step = line.partition(" ")

@@ -228,13 +228,16 @@ def _write_h5(
     return encoded.nbytes
 
 
+# _write_pack checksums whole blocks per slab: a block must not span two.
+assert _START_BYTES % PACK_BLOCK == 0 and _SLAB_BYTES % PACK_BLOCK == 0
+
+
 def _write_pack(
     sink: _WriteSink, offset: int, packed: np.ndarray[Any, Any], progress: _Progress,
     crc: Callable[[Any, int], int], seed: int,
 ) -> list[int]:
     """Write the pack at ``offset`` in slabs; return the checksum of each PACK_BLOCK bytes
     (each started from ``seed``). Slabs are whole blocks but the last."""
-    assert _START_BYTES % PACK_BLOCK == 0 and _SLAB_BYTES % PACK_BLOCK == 0  # else blocks would span slabs
     blocks: list[int] = []
     for slab in _slabs(sink, offset, packed, progress):
         blocks += [crc(slab[start:start + PACK_BLOCK], seed) for start in range(0, slab.nbytes, PACK_BLOCK)]
